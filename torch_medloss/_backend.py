@@ -1,0 +1,94 @@
+"""The one place that chooses which implementation of an op runs.
+
+Every op declares the backends it has (``reference`` always; ``cpp``, ``cuda`` and ``triton`` as kernels land).
+``backend="auto"`` takes the fastest declared backend that can run on the tensors' device:
+
+- CUDA tensors: triton, then cuda, then reference;
+- CPU tensors: cpp, then reference.
+
+When a declared fast backend cannot run (the extension failed to build, triton is missing), ``auto`` falls back to
+the reference and warns once per (op, backend, reason), saying why. A backend asked for by name that cannot run
+raises ``ValueError`` with the reason: it never silently runs something else.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
+
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+_warned: set[tuple[str, str, str]] = set()
+
+
+def check_backend_name(backend: object) -> str:
+    """Validate a ``backend=`` argument once, at construction time."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}, got {type(backend).__name__}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    return backend
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1`` (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``; otherwise the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+            return f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"triton is not importable ({exc}); install triton==3.6.0"
+        return None
+    from torch_medloss import _extension  # deferred: importing it must not trigger a build
+
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ backend runs on CPU tensors, got {device.type} tensors"
+        return _extension.why_not_loaded(cuda=False)
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA backend runs on CUDA tensors, got {device.type} tensors"
+        return _extension.why_not_loaded(cuda=True)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+
+
+def resolve(op: str, backend: str, device: torch.device, declared: Iterable[str]) -> str:
+    """Pick the backend that runs ``op`` on ``device``.
+
+    Args:
+        op: the op's public name, used in messages.
+        backend: the user's choice, one of ``BACKENDS``.
+        device: the device of the op's tensors.
+        declared: the backends this op has an implementation for.
+    """
+    declared = tuple(declared)
+    if backend != "auto":
+        if backend not in declared:
+            raise ValueError(f"{op} has no {backend!r} backend (it has: {', '.join(declared)}).")
+        reason = why_unavailable(backend, device)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run {op}: {reason}.")
+        return backend
+    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        if candidate not in declared:
+            continue
+        reason = why_unavailable(candidate, device)
+        if reason is None:
+            return candidate
+        key = (op, candidate, reason)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"torch_medloss: {op} falls back from the {candidate} backend: {reason}.", stacklevel=3)
+    return "reference"

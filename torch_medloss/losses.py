@@ -1,0 +1,401 @@
+"""Loss modules. The MONAI-named ones take MONAI 1.6.1's arguments and give its values, gradients and shapes.
+
+Every module validates its options once, in ``__init__`` (TypeError for a wrong type, ValueError for a bad value),
+keeps them as attributes under MONAI's names (``class_weight`` is a buffer, as in MONAI), and in ``forward`` hands
+them to the tensor-side entry of :mod:`torch_medloss.functional`, which checks the tensors and picks the backend.
+
+Extra keyword arguments on every loss:
+    backend: "auto" (default), "triton", "cuda", "cpp" or "reference". "auto" takes the fastest implementation that
+        can run on the input's device; a named backend that cannot run raises ValueError saying why.
+    validate: check label values on CUDA tensors too (one device sync). CPU tensors are always checked; on CUDA
+        without it, an out-of-range label makes the loss NaN instead of raising.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.nn.modules.loss import _Loss
+
+from torch_medloss import _backend
+from torch_medloss import functional as F
+
+__all__ = [
+    "BalancedCELoss",
+    "DBCELoss",
+    "DiceCELoss",
+    "DiceLoss",
+    "FocalLoss",
+    "GeneralizedDiceLoss",
+    "PMDiceLoss",
+    "TverskyLoss",
+]
+
+# Options kept as buffers (so .to(device) moves them), under MONAI's attribute names.
+_BUFFERS = {"weight": "class_weight", "gamma": "gamma", "alpha": "alpha"}
+
+
+class _OptionsLoss(_Loss):
+    """Stores validated options as attributes and rebuilds the options dict for each forward."""
+
+    _compute: Callable[[torch.Tensor, torch.Tensor, dict, str], torch.Tensor]
+
+    def __init__(self, options: dict, backend: str) -> None:
+        super().__init__(reduction=options.get("reduction", "mean"))
+        self.backend = _backend.check_backend_name(backend)
+        # option name -> attribute name; tensor options become buffers (Tversky's float alpha stays an attribute).
+        self._attributes = {}
+        for name, value in options.items():
+            if name in _BUFFERS and (value is None or isinstance(value, torch.Tensor)):
+                self._attributes[name] = _BUFFERS[name]
+                self.register_buffer(_BUFFERS[name], value)
+            else:
+                self._attributes[name] = name
+                setattr(self, name, value)
+
+    def options(self) -> dict:
+        return {name: getattr(self, attribute) for name, attribute in self._attributes.items()}
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return type(self)._compute(input, target, self.options(), self.backend)
+
+
+class DiceLoss(_OptionsLoss):
+    """Dice loss between logits/probabilities (B, C, *S) and a one-hot (B, C, *S) or label (B, 1, *S) target.
+
+    Exactly MONAI 1.6.1's ``DiceLoss``: per (batch item, class), with I = sum p*y, P = sum p^k, G = sum y^k
+    (k = 2 with ``squared_pred``) summed over space (and batch with ``batch=True``),
+    ``loss = 1 - (2I + smooth_nr) / (P + G + smooth_dr)``, or ``1 - (2I + smooth_nr) / (2(P + G - I) + smooth_dr)``
+    with ``jaccard``; then class weights and the reduction.
+
+    Args:
+        include_background: keep class 0. Default True.
+        to_onehot_y: the target is a label map (B, 1, *S) (or (B, *S)) to one-hot encode. Default False.
+        sigmoid, softmax, other_act: the activation applied to ``input`` (at most one). Default none: the input is
+            taken as probabilities.
+        squared_pred: squares in the denominator (k = 2). Default False.
+        jaccard: soft Jaccard (IoU) instead of Dice. Default False.
+        reduction: "mean" (default), "sum" or "none" (shape (B, C, 1, ..., 1); (C, 1, ..., 1) with ``batch``).
+        smooth_nr, smooth_dr: added to numerator and denominator. Default 1e-5 each.
+        batch: sum over the batch before the ratio. Default False.
+        weight: class weights >= 0, a scalar or one per (kept) class. Default None.
+        soft_label: MONAI's soft-label form of I for k = 1. Default False.
+        ignore_index: label (or one-hot channel / sentinel) whose pixels are left out. Default None.
+        backend, validate: see :mod:`torch_medloss.losses`.
+
+    Returns:
+        The loss: a scalar for "mean"/"sum", else the broadcastable per-class shape above.
+
+    Raises:
+        TypeError: wrong option types, non-floating input, non-tensor target, float-but-fractional labels.
+        ValueError: bad option values, more than one activation, shape/device mismatches, labels out of range,
+            a weight sequence of the wrong length.
+
+    Example:
+        >>> loss = DiceLoss(to_onehot_y=True, softmax=True)
+        >>> loss(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))).shape
+        torch.Size([])
+
+    Milletari et al., V-Net, 3DV 2016.
+    """
+
+    _compute = staticmethod(F._dice)
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Sequence[float] | float | int | torch.Tensor | None = None,
+        soft_label: bool = False,
+        ignore_index: int | None = None,
+        *,
+        backend: str = "auto",
+        validate: bool = False,
+    ) -> None:
+        options = F._dice_options(
+            include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard, reduction,
+            smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, validate,
+        )
+        super().__init__(options, backend)
+
+
+class PMDiceLoss(_OptionsLoss):
+    """Pixel-wise Modulated Dice loss (arXiv 2506.15744) on (B, C, *S) logits/probabilities.
+
+    Each pixel's terms are weighted by the modulator m = |y - stopgrad(p)|^gamma_c, which grows with the error at
+    that pixel, so hard pixels (for example the rims of small lesions) weigh more:
+    I_c = sum m*y*p, D_c = sum m*(y^2 + p^2) (``squared_pred=True``, the default) or sum m*(y + p);
+    ``loss_c = 1 - (2 I_c + smooth_nr) / (D_c + smooth_dr)``. Classes, weights and reductions are DiceLoss's.
+    With gamma = 0 (0^0 = 1, so m = 1) it equals :class:`DiceLoss` with the same arguments.
+
+    Args:
+        gamma: the modulation exponent >= 0, a scalar or one per (kept) class. Default 2.0.
+        squared_pred: Default True. With ``soft_label`` and ``squared_pred=False``, I_c uses MONAI's soft form
+            (sum m*p + sum m*y - sum m*|p - y|) / 2.
+        Every other argument is :class:`DiceLoss`'s (no ``jaccard``).
+
+    Returns and Raises: as :class:`DiceLoss`; ValueError also for a negative gamma or a gamma sequence of the
+    wrong length.
+
+    Example:
+        >>> loss = PMDiceLoss(gamma=2.0, to_onehot_y=True, softmax=True)
+        >>> value = loss(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8)))
+    """
+
+    _compute = staticmethod(F._pm_dice)
+
+    def __init__(
+        self,
+        gamma: Sequence[float] | float | torch.Tensor = 2.0,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = True,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Sequence[float] | float | int | torch.Tensor | None = None,
+        soft_label: bool = False,
+        ignore_index: int | None = None,
+        *,
+        backend: str = "auto",
+        validate: bool = False,
+    ) -> None:
+        options = F._pm_dice_options(
+            gamma=gamma, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
+            softmax=softmax, other_act=other_act, squared_pred=squared_pred, reduction=reduction,
+            smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, weight=weight, soft_label=soft_label,
+            ignore_index=ignore_index, validate=validate,
+        )
+        super().__init__(options, backend)
+
+
+class GeneralizedDiceLoss(_OptionsLoss):
+    """Generalized Dice loss (Sudre et al., DLMIA 2017), exactly MONAI 1.6.1's ``GeneralizedDiceLoss``.
+
+    Class weights w_c = 1/G_c^2 (``w_type="square"``, default), 1/G_c ("simple") or 1 ("uniform") from the target
+    volume G_c; an absent class takes the largest finite weight.
+    ``loss = 1 - (2 sum_c w_c I_c + smooth_nr) / (sum_c w_c (P_c + G_c) + smooth_dr)`` per batch item (or once with
+    ``batch=True``). ``reduction="none"`` gives (B, 1, 1, ..., 1) (or (1, 1, ..., 1) with ``batch``).
+
+    Args: ``include_background``, ``to_onehot_y``, ``sigmoid``, ``softmax``, ``other_act``, ``w_type``,
+    ``reduction``, ``smooth_nr``, ``smooth_dr``, ``batch``, ``soft_label`` as in MONAI; ``backend``, ``validate``.
+    Raises: as :class:`DiceLoss`; ValueError for an unknown ``w_type``.
+    """
+
+    _compute = staticmethod(F._generalized_dice)
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        w_type: str = "square",
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        soft_label: bool = False,
+        *,
+        backend: str = "auto",
+        validate: bool = False,
+    ) -> None:
+        options = F._generalized_dice_options(
+            include_background, to_onehot_y, sigmoid, softmax, other_act, w_type, reduction, smooth_nr, smooth_dr,
+            batch, soft_label, validate,
+        )
+        super().__init__(options, backend)
+
+
+class TverskyLoss(_OptionsLoss):
+    """Tversky loss (Salehi et al. 2017), exactly MONAI 1.6.1's ``TverskyLoss``.
+
+    ``loss = 1 - (TP + smooth_nr) / (TP + alpha*FP + beta*FN + smooth_dr)`` per (batch item, class), with
+    TP = sum p*y, FP = sum p*(1 - y), FN = sum (1 - p)*y. ``reduction="none"`` gives (B, C) ((C,) with ``batch``).
+
+    Args: ``alpha`` (false-positive weight, default 0.5), ``beta`` (false-negative weight, default 0.5), and
+    ``include_background``, ``to_onehot_y``, ``sigmoid``, ``softmax``, ``other_act``, ``reduction``,
+    ``smooth_nr``, ``smooth_dr``, ``batch``, ``soft_label``, ``ignore_index`` as :class:`DiceLoss`.
+    Raises: as :class:`DiceLoss`.
+    """
+
+    _compute = staticmethod(F._tversky)
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        soft_label: bool = False,
+        ignore_index: int | None = None,
+        *,
+        backend: str = "auto",
+        validate: bool = False,
+    ) -> None:
+        options = F._tversky_options(
+            include_background, to_onehot_y, sigmoid, softmax, other_act, alpha, beta, reduction, smooth_nr,
+            smooth_dr, batch, soft_label, ignore_index, validate,
+        )
+        super().__init__(options, backend)
+
+
+class DiceCELoss(_OptionsLoss):
+    """Dice plus cross entropy, exactly MONAI 1.6.1's ``DiceCELoss``: lambda_dice * Dice + lambda_ce * CE.
+
+    The Dice part is :class:`DiceLoss` (activation options apply to it only); the CE part is torch's cross entropy
+    on the raw logits with ``weight`` as class weights and ``label_smoothing``, on a label map (B, 1, *S), or on
+    probabilities for a one-hot target, or binary cross entropy with logits (``pos_weight=weight``) for C = 1.
+
+    Args: MONAI's: ``include_background``, ``to_onehot_y``, ``sigmoid``, ``softmax``, ``other_act``,
+    ``squared_pred``, ``jaccard``, ``reduction`` ("mean" or "sum"; no "none"), ``smooth_nr``, ``smooth_dr``,
+    ``batch``, ``weight`` (one per class, background included; the Dice part drops class 0 when
+    ``include_background=False``), ``lambda_dice``, ``lambda_ce`` (>= 0), ``label_smoothing`` (in [0, 1]).
+    Returns: a scalar. Raises: as :class:`DiceLoss`; ValueError for negative lambdas.
+    """
+
+    _compute = staticmethod(F._dice_ce)
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: torch.Tensor | Sequence[float] | None = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        label_smoothing: float = 0.0,
+        *,
+        backend: str = "auto",
+        validate: bool = False,
+    ) -> None:
+        options = F._dice_ce_options(
+            include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard, reduction,
+            smooth_nr, smooth_dr, batch, weight, lambda_dice, lambda_ce, label_smoothing, validate,
+        )
+        super().__init__(options, backend)
+
+
+class FocalLoss(_OptionsLoss):
+    """Focal loss (Lin et al., ICCV 2017) on logits, exactly MONAI 1.6.1's ``FocalLoss``.
+
+    Sigmoid form (default): (1 - p_t)^gamma * BCE-with-logits per class; ``use_softmax=True``:
+    -(1 - p_c)^gamma * log p_c * y_c with p = softmax. ``reduction="none"`` keeps (B, C, *S); "sum" averages over
+    space first, as MONAI does.
+
+    Args: ``include_background``, ``to_onehot_y``, ``gamma`` (>= 0, default 2), ``alpha`` (in [0, 1], scalar or
+    per class), ``weight`` (class weights >= 0), ``reduction``, ``use_softmax``, ``ignore_index``; ``backend``,
+    ``validate``. Float64 inputs stay float64 here (MONAI computes in float32).
+    """
+
+    _compute = staticmethod(F._focal)
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        gamma: float = 2.0,
+        alpha: float | Sequence[float] | None = None,
+        weight: Sequence[float] | float | int | torch.Tensor | None = None,
+        reduction: str = "mean",
+        use_softmax: bool = False,
+        ignore_index: int | None = None,
+        *,
+        backend: str = "auto",
+        validate: bool = False,
+    ) -> None:
+        options = F._focal_options(
+            include_background, to_onehot_y, gamma, alpha, weight, reduction, use_softmax, ignore_index, validate
+        )
+        super().__init__(options, backend)
+
+
+class DBCELoss(_OptionsLoss):
+    """Dilated Balanced Cross Entropy (DBCE, arXiv 2412.06045) on logits (B, C, *S) and labels (B, *S) or (B, 1, *S).
+
+    Balanced cross entropy whose class weights come from class areas *dilated* by a ball (or cube) of radius R, so
+    a small structure's weight also covers a margin of its surroundings: within each image (or the whole batch with
+    ``batch=True``), w_c = N / (K * A_c) with N the valid pixels, K the classes present, A_c the dilated area of
+    class c; each pixel takes the largest weight of the dilated classes covering it. The definition in full is in
+    :mod:`torch_medloss.reference.dbce` and the README.
+
+    Args:
+        radius: R >= 0 in physical units (see ``spacing``). Default 3.0. R = 0 gives :class:`BalancedCELoss`.
+        element: "ball" (default) or "cube".
+        spacing: voxel size per spatial axis (> 0), so anisotropic voxels get an ellipsoid. Default all 1.
+        batch: weights from the whole batch instead of per image. Default False.
+        ignore_index: label left out of everything. Default -100.
+        reduction: "mean" (sum w*CE / sum w over the batch's valid pixels, 0 if none), "sum", or "none" (the
+            (B, *S) map w*CE, 0 at ignored pixels).
+        backend, validate: see :mod:`torch_medloss.losses`.
+
+    Raises:
+        TypeError: float labels, non-floating logits. ValueError: labels outside [0, C) other than ignore_index,
+        shape/device mismatch, negative radius or spacing, a spacing of the wrong length, an unknown element.
+    """
+
+    _compute = staticmethod(F._dbce)
+
+    def __init__(
+        self,
+        radius: float = 3.0,
+        element: str = "ball",
+        spacing: Sequence[float] | None = None,
+        batch: bool = False,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        backend: str = "auto",
+        *,
+        validate: bool = False,
+    ) -> None:
+        super().__init__(F._dbce_options(radius, element, spacing, batch, ignore_index, reduction, validate), backend)
+
+
+class BalancedCELoss(_OptionsLoss):
+    """Balanced cross entropy: weights N / (K * |M_c|), the inverse class frequency; :class:`DBCELoss` with R = 0.
+
+    Args: ``batch``, ``ignore_index``, ``reduction``, ``backend``, ``validate`` as :class:`DBCELoss`.
+    """
+
+    _compute = staticmethod(F._dbce)
+
+    def __init__(
+        self,
+        batch: bool = False,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        backend: str = "auto",
+        *,
+        validate: bool = False,
+    ) -> None:
+        super().__init__(F._dbce_options(0.0, "ball", None, batch, ignore_index, reduction, validate), backend)

@@ -1,0 +1,159 @@
+"""Reference Dilated Balanced Cross Entropy (DBCE, arXiv 2412.06045) and balanced cross entropy.
+
+Our documented reading of the paper. A unit u is one image (``batch=False``) or the whole batch (``batch=True``).
+Within u: V = valid pixels (label != ignore_index), N = |V|, and for each class c:
+
+    M_c = {i in V : L_i = c}
+    D_c = dilate(M_c, E_R) restricted to V, inside each image (no wrap-around, no crossing between images)
+    A_c = |D_c|,  K = number of classes with M_c non-empty
+    w_c = N / (K * A_c) for present classes
+    w_i = max{ w_c : c present, i in D_c }         (every valid pixel lies in D of its own class)
+
+E_R holds the integer offsets o with sum_k (o_k * s_k)^2 <= R^2 (``"ball"``) or max_k |o_k * s_k| <= R
+(``"cube"``), s = ``spacing``, so R is in physical units. With R = 0, D_c = M_c and w_c = N / (K * |M_c|): the inverse
+class frequency of balanced cross entropy.
+
+The loss is w_i * CE_i with CE_i = -log softmax(x)_i[L_i]; ``mean`` is sum w*CE / sum w over all valid pixels of
+the batch (0 when there are none), ``sum`` is sum w*CE, ``none`` is the (B, *S) map, zero at ignored pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from torch_medloss._validation import invalid_label_flag
+from torch_medloss.reference._common import compute_dtype, poison
+
+# Offsets on the boundary of the element are kept despite floating-point error in (o * s)^2 sums.
+_BOUNDARY_TOLERANCE = 1e-9
+
+
+def structuring_element(radius: float, element: str, spacing: tuple[float, ...]) -> torch.Tensor:
+    """The offsets of E_R as an int64 tensor (num_offsets, ndim), the origin included, in lexicographic order.
+
+    This one definition is shared by every backend, so the element is the same everywhere.
+    """
+    extents = [math.floor(radius / s * (1 + _BOUNDARY_TOLERANCE)) for s in spacing]
+    limit = radius * radius * (1 + _BOUNDARY_TOLERANCE)
+    offsets = []
+    for offset in itertools.product(*(range(-e, e + 1) for e in extents)):
+        if element == "ball":
+            inside = sum((o * s) ** 2 for o, s in zip(offset, spacing, strict=True)) <= limit
+        else:
+            inside = all(abs(o * s) <= radius * (1 + _BOUNDARY_TOLERANCE) for o, s in zip(offset, spacing, strict=True))
+        if inside:
+            offsets.append(offset)
+    return torch.tensor(offsets, dtype=torch.int64).view(-1, len(spacing))
+
+
+def dilate(masks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Binary dilation of boolean masks (B, C, *S) by an element given as offsets, zero outside each image.
+
+    out[i] = OR over offsets o of masks[i - o]: pad every spatial axis by the largest offset with False, then OR the
+    shifted views. Images and classes never mix because only the spatial axes shift.
+    """
+    spatial = masks.shape[2:]
+    reach = offsets.abs().amax(dim=0).tolist() if offsets.numel() else [0] * len(spatial)
+    pad = []
+    for r in reversed(reach):
+        pad += [r, r]
+    padded = F.pad(masks.to(torch.uint8), pad).bool()
+    out = torch.zeros_like(masks)
+    for offset in offsets.tolist():
+        window = tuple(
+            slice(r - o, r - o + n) for o, r, n in zip(offset, reach, spatial, strict=True)
+        )
+        out |= padded[(slice(None), slice(None), *window)]
+    return out
+
+
+def dilated_class_weights(
+    labels: torch.Tensor,
+    num_classes: int,
+    radius: float,
+    element: str = "ball",
+    spacing: tuple[float, ...] | None = None,
+    batch: bool = False,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixel_weights (B, *S), class_weights, dilated_areas) for labels (B, *S) whose values are all valid.
+
+    ``class_weights`` and ``dilated_areas`` (int64) have shape (B, C), or (C,) with ``batch=True``; absent classes
+    have weight 0. Pixel weights are 0 at ignored pixels.
+    """
+    spatial_ndim = labels.ndim - 1
+    spacing = tuple(spacing) if spacing is not None else (1.0,) * spatial_ndim
+    valid = labels != ignore_index
+    classes = torch.arange(num_classes, device=labels.device).view([1, -1] + [1] * spatial_ndim)
+    members = (labels.unsqueeze(1) == classes) & valid.unsqueeze(1)  # M_c, (B, C, *S)
+    dilated = dilate(members, structuring_element(radius, element, spacing).to(labels.device))
+    dilated &= valid.unsqueeze(1)  # D_c
+    space = list(range(2, members.ndim))
+    areas = dilated.sum(space)  # A_c per image, (B, C)
+    counts = members.sum(space)
+    valid_count = valid.flatten(1).sum(1)  # N per image, (B,)
+    if batch:
+        areas, counts, valid_count = areas.sum(0), counts.sum(0), valid_count.sum()
+    present = counts > 0
+    num_present = present.sum(-1, keepdim=True)
+    ratio = valid_count.to(dtype).unsqueeze(-1) / (num_present.to(dtype) * areas.to(dtype))
+    class_weights = torch.where(present, ratio, torch.zeros_like(ratio))
+    per_image = class_weights.expand(labels.shape[0], num_classes) if batch else class_weights
+    candidates = dilated * per_image.view(list(per_image.shape) + [1] * spatial_ndim)
+    pixel_weights = candidates.amax(dim=1)
+    return pixel_weights, class_weights, areas
+
+
+def dbce_loss(
+    input: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    radius: float = 3.0,
+    element: str = "ball",
+    spacing: tuple[float, ...] | None = None,
+    batch: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """DBCE on logits (B, C, *S) and labels (B, *S) (checked by the caller); see :class:`torch_medloss.DBCELoss`."""
+    num_classes = input.shape[1]
+    bad = invalid_label_flag(labels, num_classes, ignore_index)
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < num_classes)
+    # Out-of-range labels (possible only for unvalidated CUDA tensors) count as ignored, and the loss becomes NaN.
+    labels = torch.where(in_range | ~valid, labels, torch.full_like(labels, ignore_index))
+    valid = valid & in_range
+    dtype = compute_dtype(input)
+    pixel_weights, _, _ = dilated_class_weights(
+        labels, num_classes, radius, element, spacing, batch, ignore_index, torch.float64
+    )
+    pixel_weights = pixel_weights.to(dtype)
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    log_p = input.to(dtype).log_softmax(1)
+    ce = -log_p.gather(1, safe_labels.unsqueeze(1)).squeeze(1)
+    weighted = torch.where(valid, pixel_weights * ce, torch.zeros_like(ce))
+    if reduction == "none":
+        return poison(weighted, bad)
+    total = weighted.sum()
+    if reduction == "sum":
+        return poison(total, bad)
+    normalizer = pixel_weights.sum()  # 0 at ignored pixels already
+    return poison(total / normalizer.clamp_min(torch.finfo(dtype).tiny), bad)
+
+
+def balanced_ce_loss(
+    input: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Balanced cross entropy: DBCE with radius 0, i.e. inverse class frequency weights N / (K * |M_c|)."""
+    return dbce_loss(input, labels, radius=0.0, element="ball", spacing=None, batch=batch,
+                     ignore_index=ignore_index, reduction=reduction)

@@ -1,0 +1,93 @@
+"""Reference Dice + cross entropy, MONAI 1.6.1's DiceCELoss: lambda_dice * Dice + lambda_ce * CE.
+
+The cross entropy is torch's: with class weights and label smoothing on a label map, on probabilities for a one-hot
+target, and binary cross entropy with logits (``pos_weight=weight``) for a single channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from torch_medloss._validation import invalid_label_flag
+from torch_medloss.reference._common import poison
+from torch_medloss.reference.dice import dice_loss
+
+
+def cross_entropy_part(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    reduction: str,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """MONAI's ``DiceCELoss.ce`` / ``.bce``: the target is (B, 1, *S) labels or (B, C, *S) one-hot/soft."""
+    num_classes = input.shape[1]
+    if num_classes == 1:
+        target = target if target.is_floating_point() else target.to(input.dtype)
+        pos_weight = None if weight is None else weight.to(input)
+        return F.binary_cross_entropy_with_logits(input, target, pos_weight=pos_weight, reduction=reduction)
+    class_weight = None if weight is None else weight.to(input)
+    if target.shape[1] == 1:
+        labels = target[:, 0].long()
+        bad = invalid_label_flag(labels, num_classes, None)
+        # Out-of-range labels (unvalidated CUDA tensors only) must not reach the indexing kernel: class 0 + NaN.
+        labels = torch.where((labels >= 0) & (labels < num_classes), labels, torch.zeros_like(labels))
+        loss = F.cross_entropy(input, labels, weight=class_weight, reduction=reduction,
+                               label_smoothing=label_smoothing)
+        return poison(loss, bad)
+    target = target if target.is_floating_point() else target.to(input.dtype)
+    return F.cross_entropy(input, target, weight=class_weight, reduction=reduction, label_smoothing=label_smoothing)
+
+
+def dice_ce_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    weight: torch.Tensor | None = None,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    label_smoothing: float = 0.0,
+    validate: bool = False,
+) -> torch.Tensor:
+    """MONAI 1.6.1's DiceCELoss; see :class:`torch_medloss.DiceCELoss`."""
+    if to_onehot_y and isinstance(target, torch.Tensor) and target.ndim == input.ndim - 1:
+        target = target.unsqueeze(1)
+    num_classes = input.shape[1]
+    if weight is not None and weight.ndim == 1 and num_classes > 1 and weight.shape[0] != num_classes:
+        raise ValueError(f"weight has {weight.shape[0]} values but input has {num_classes} classes.")
+    if weight is not None and weight.ndim == 0 and num_classes > 1:
+        raise ValueError("weight must hold one value per class for the cross entropy, got a scalar.")
+    dice_weight = weight[1:] if weight is not None and not include_background and weight.ndim == 1 else weight
+    dice = dice_loss(
+        input,
+        target,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        sigmoid=sigmoid,
+        softmax=softmax,
+        other_act=other_act,
+        squared_pred=squared_pred,
+        jaccard=jaccard,
+        reduction=reduction,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        batch=batch,
+        weight=dice_weight,
+        validate=validate,
+    )
+    ce = cross_entropy_part(input, target, weight, reduction, label_smoothing)
+    return lambda_dice * dice + lambda_ce * ce
