@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+# Hypothesis: few examples, no deadline (the first call of an op may build or warm up); CI is a 2-core box.
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng():
+    """Every test starts from the same seed and leaves the global RNG as it found it."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    yield
+    torch.random.set_rng_state(state)

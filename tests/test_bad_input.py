@@ -1,0 +1,140 @@
+"""Bad input raises TypeError/ValueError naming the argument; NaN logits propagate; unchecked bad labels give NaN."""
+
+import pytest
+import torch
+
+import torch_medloss
+from torch_medloss import functional as F
+
+LOGITS = torch.randn(2, 3, 4, 4)
+LABELS = torch.randint(0, 3, (2, 1, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: torch_medloss.DiceLoss(softmax=True, sigmoid=True), ValueError, "more than one activation"),
+        (lambda: torch_medloss.PMDiceLoss(sigmoid=True, other_act=torch.tanh), ValueError, "more than one"),
+        (lambda: torch_medloss.DiceLoss(other_act=3), TypeError, "other_act must be None or callable"),
+        (lambda: torch_medloss.DiceLoss(reduction="avg"), ValueError, "reduction must be one of"),
+        (lambda: torch_medloss.DiceLoss(reduction=3), TypeError, "reduction must be a str"),
+        (lambda: torch_medloss.DiceLoss(weight=[1.0, -1.0]), ValueError, "weight must be finite and >= 0"),
+        (lambda: torch_medloss.DiceLoss(weight="heavy"), TypeError, "weight must be a number or a sequence"),
+        (lambda: torch_medloss.DiceLoss(batch="yes"), TypeError, "batch must be a bool"),
+        (lambda: torch_medloss.DiceLoss(ignore_index=1.5), TypeError, "ignore_index must be an int or None"),
+        (lambda: torch_medloss.DiceLoss(backend="fast"), ValueError, "backend must be one of"),
+        (lambda: torch_medloss.DiceLoss(backend=None), TypeError, "backend must be a str"),
+        (lambda: torch_medloss.PMDiceLoss(gamma=-1.0), ValueError, "gamma must be finite and >= 0"),
+        (lambda: torch_medloss.PMDiceLoss(gamma=[1.0, -0.5]), ValueError, "gamma must be finite and >= 0"),
+        (lambda: torch_medloss.GeneralizedDiceLoss(w_type="cubic"), ValueError, "w_type must be one of"),
+        (lambda: torch_medloss.DiceCELoss(reduction="none"), ValueError, r"reduction must be one of \('mean', 'sum'\)"),
+        (lambda: torch_medloss.DiceCELoss(lambda_ce=-1.0), ValueError, "lambda_ce must be a finite number >= 0"),
+        (lambda: torch_medloss.DiceCELoss(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+        (lambda: torch_medloss.FocalLoss(gamma=-2.0), ValueError, "gamma must be a finite number >= 0"),
+        (lambda: torch_medloss.FocalLoss(alpha=1.5), ValueError, "alpha must be in"),
+        (lambda: torch_medloss.DBCELoss(radius=-1.0), ValueError, "radius must be a finite number >= 0"),
+        (lambda: torch_medloss.DBCELoss(spacing=(1.0, -1.0)), ValueError, "spacing must be a finite number >= 0"),
+        (lambda: torch_medloss.DBCELoss(spacing=(1.0, 0.0)), ValueError, "spacing must hold voxel sizes > 0"),
+        (lambda: torch_medloss.DBCELoss(spacing="1,1"), TypeError, "spacing must be None or a sequence"),
+        (lambda: torch_medloss.DBCELoss(element="diamond"), ValueError, "element must be 'ball' or 'cube'"),
+        (lambda: torch_medloss.DBCELoss(ignore_index=None), TypeError, "ignore_index must be an int"),
+        (lambda: torch_medloss.BalancedCELoss(reduction="max"), ValueError, "reduction must be one of"),
+    ],
+)
+def test_bad_options(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # labels out of range
+        (lambda: F.dice_loss(LOGITS, LABELS + 1, to_onehot_y=True), ValueError, r"target holds labels outside \[0, 3\)"),
+        (lambda: F.dice_loss(LOGITS, LABELS - 1, to_onehot_y=True, ignore_index=-2), ValueError,
+         r"outside \[0, 3\) or ignore_index=-2: \[-1\]"),
+        (lambda: F.dbce_loss(LOGITS, LABELS + 3), ValueError, r"target holds labels outside \[0, 3\)"),
+        (lambda: F.balanced_ce_loss(LOGITS, LABELS - 1, ignore_index=-100), ValueError, r"\[-1\]"),
+        (lambda: F.dice_ce_loss(LOGITS, LABELS * 5, to_onehot_y=True), ValueError, "outside"),
+        # float labels where labels are expected
+        (lambda: F.dbce_loss(LOGITS, LABELS.float()), TypeError, "target must be an integer tensor"),
+        (lambda: F.dice_loss(LOGITS, LABELS.float() + 0.5, to_onehot_y=True), ValueError, "not whole numbers"),
+        (lambda: F.dice_loss(LOGITS, LABELS.bool(), to_onehot_y=True), TypeError, "integer class labels"),
+        # non-floating logits
+        (lambda: F.dice_loss(LABELS.repeat(1, 3, 1, 1), LABELS, to_onehot_y=True), TypeError,
+         "input must be a floating-point tensor"),
+        (lambda: F.dbce_loss(LABELS.repeat(1, 3, 1, 1), LABELS), TypeError, "input must be a floating-point tensor"),
+        (lambda: F.dice_loss(LOGITS[0, 0], LABELS), ValueError, r"input must have shape \(B, C, \*spatial\)"),
+        # batch or spatial shape mismatch
+        (lambda: F.dice_loss(LOGITS, LABELS[:1], to_onehot_y=True), ValueError, "target must match input's batch"),
+        (lambda: F.tversky_loss(LOGITS, LABELS[..., :3], to_onehot_y=True), ValueError, "target must match"),
+        (lambda: F.dbce_loss(LOGITS, LABELS[..., :3]), ValueError, r"target must be labels of shape \(B, \*S\)"),
+        (lambda: F.focal_loss(LOGITS, LABELS[:1], to_onehot_y=True), ValueError, "target must match"),
+        # wrong number of classes in a one-hot target
+        (lambda: F.dice_loss(LOGITS, torch.zeros(2, 2, 4, 4)), ValueError, "target must be one-hot with 3 classes"),
+        (lambda: F.dice_loss(LOGITS, LABELS), ValueError, "to_onehot_y=True"),
+        (lambda: F.dice_loss(LOGITS, torch.zeros(2, 3, 4, 4), to_onehot_y=True), ValueError,
+         "label map with 1 channel"),
+        # per-class values of the wrong length
+        (lambda: F.dice_loss(LOGITS, LABELS, to_onehot_y=True, weight=[1.0, 2.0]), ValueError,
+         "weight has 2 values but there are 3 classes"),
+        (lambda: F.pm_dice_loss(LOGITS, LABELS, to_onehot_y=True, gamma=[1.0, 2.0]), ValueError,
+         "gamma has 2 values but there are 3 classes"),
+        (lambda: F.dice_ce_loss(LOGITS, LABELS, to_onehot_y=True, weight=[1.0, 2.0]), ValueError,
+         "weight has 2 values"),
+        (lambda: F.dbce_loss(LOGITS, LABELS, spacing=(1.0, 1.0, 1.0)), ValueError,
+         r"spacing must have one voxel size per spatial dim \(2\)"),
+        # tensors on different devices
+        (lambda: F.dice_loss(LOGITS, LABELS.to("meta"), to_onehot_y=True), ValueError, "same device"),
+        (lambda: F.dbce_loss(LOGITS, LABELS.to("meta")), ValueError, "same device"),
+        (lambda: F.dice_loss(LOGITS, [0, 1]), TypeError, "target must be a torch.Tensor"),
+        # backends that this op does not have or that cannot run here
+        (lambda: F.dice_loss(LOGITS, LABELS, to_onehot_y=True, backend="cpp"), ValueError,
+         "dice_loss has no 'cpp' backend"),
+        (lambda: F.dilated_class_weights(LABELS[:, 0], 2, 1.0), ValueError, r"labels holds labels outside \[0, 2\)"),
+        (lambda: F.dilated_class_weights(LABELS[:, 0].float(), 3, 1.0), TypeError, "labels must be an integer"),
+        (lambda: F.dilated_class_weights(LABELS[:, 0], 0, 1.0), TypeError, "num_classes must be an int >= 1"),
+    ],
+)
+def test_bad_tensors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+LOSSES = [
+    lambda x, y: F.dice_loss(x, y, to_onehot_y=True, softmax=True),
+    lambda x, y: F.pm_dice_loss(x, y, to_onehot_y=True, softmax=True),
+    lambda x, y: F.generalized_dice_loss(x, y, to_onehot_y=True, softmax=True),
+    lambda x, y: F.tversky_loss(x, y, to_onehot_y=True, softmax=True),
+    lambda x, y: F.focal_loss(x, y, to_onehot_y=True),
+    lambda x, y: F.dice_ce_loss(x, y, to_onehot_y=True, softmax=True),
+    lambda x, y: F.dbce_loss(x, y),
+    lambda x, y: F.balanced_ce_loss(x, y),
+]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_nan_logits_propagate(loss):
+    logits = LOGITS.clone()
+    logits[0, 1, 2, 2] = float("nan")
+    assert torch.isnan(loss(logits, LABELS)).any()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_unchecked_bad_labels_give_nan(loss, monkeypatch):
+    """What a CUDA tensor without validate=True gets: a NaN loss, never an indexing error or a wrong number."""
+    from torch_medloss import _validation
+    from torch_medloss.reference import _common
+
+    skip = lambda *args, **kwargs: None  # noqa: E731
+    monkeypatch.setattr(_common, "check_label_map", skip)
+    monkeypatch.setattr(_validation, "check_label_map", skip)
+    monkeypatch.setattr(F.v, "check_label_map", skip)
+    bad = LABELS.clone()
+    bad[1, 0, 0, 0] = 7
+    assert torch.isnan(loss(LOGITS, bad)).all()
+
+
+def test_validate_flag_is_accepted_and_checks():
+    with pytest.raises(ValueError, match="outside"):
+        torch_medloss.DiceLoss(to_onehot_y=True, validate=True)(LOGITS, LABELS + 5)
