@@ -6,8 +6,8 @@ import torch
 import torch_medloss
 from torch_medloss import functional as F
 
-LOGITS = torch.randn(2, 3, 4, 4)
-LABELS = torch.randint(0, 3, (2, 1, 4, 4))
+LOGITS = torch.linspace(-3, 3, 96).view(2, 3, 4, 4)
+LABELS = torch.arange(32).remainder(3).view(2, 1, 4, 4)  # every class present, so +1 and -1 go out of range
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,8 @@ LABELS = torch.randint(0, 3, (2, 1, 4, 4))
         (lambda: torch_medloss.PMDiceLoss(gamma=-1.0), ValueError, "gamma must be finite and >= 0"),
         (lambda: torch_medloss.PMDiceLoss(gamma=[1.0, -0.5]), ValueError, "gamma must be finite and >= 0"),
         (lambda: torch_medloss.GeneralizedDiceLoss(w_type="cubic"), ValueError, "w_type must be one of"),
-        (lambda: torch_medloss.DiceCELoss(reduction="none"), ValueError, r"reduction must be one of \('mean', 'sum'\)"),
+        (lambda: torch_medloss.DiceCELoss(reduction="none"), ValueError,
+         r"reduction must be one of \('mean', 'sum'\)"),
         (lambda: torch_medloss.DiceCELoss(lambda_ce=-1.0), ValueError, "lambda_ce must be a finite number >= 0"),
         (lambda: torch_medloss.DiceCELoss(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
         (lambda: torch_medloss.FocalLoss(gamma=-2.0), ValueError, "gamma must be a finite number >= 0"),
@@ -50,7 +51,8 @@ def test_bad_options(make, error, match):
     "call, error, match",
     [
         # labels out of range
-        (lambda: F.dice_loss(LOGITS, LABELS + 1, to_onehot_y=True), ValueError, r"target holds labels outside \[0, 3\)"),
+        (lambda: F.dice_loss(LOGITS, LABELS + 1, to_onehot_y=True), ValueError,
+         r"target holds labels outside \[0, 3\)"),
         (lambda: F.dice_loss(LOGITS, LABELS - 1, to_onehot_y=True, ignore_index=-2), ValueError,
          r"outside \[0, 3\) or ignore_index=-2: \[-1\]"),
         (lambda: F.dbce_loss(LOGITS, LABELS + 3), ValueError, r"target holds labels outside \[0, 3\)"),

@@ -37,8 +37,8 @@ def brute_force_dilate(masks, offsets):
     for b, c in itertools.product(range(masks.shape[0]), range(masks.shape[1])):
         for target in itertools.product(*(range(n) for n in spatial)):
             for offset in offsets.tolist():
-                source = tuple(t - o for t, o in zip(target, offset))
-                if all(0 <= s < n for s, n in zip(source, spatial)) and masks[(b, c, *source)]:
+                source = tuple(t - o for t, o in zip(target, offset, strict=True))
+                if all(0 <= s < n for s, n in zip(source, spatial, strict=True)) and masks[(b, c, *source)]:
                     out[(b, c, *target)] = True
                     break
     return out
@@ -59,7 +59,7 @@ def brute_force_weights(labels, num_classes, radius, element, spacing, batch, ig
     pixels = list(itertools.product(*(range(n) for n in spatial)))
 
     def near(i, j):
-        d = [(a - b) * s for a, b, s in zip(i, j, spacing)]
+        d = [(a - b) * s for a, b, s in zip(i, j, spacing, strict=True)]
         return (sum(x * x for x in d) <= radius**2 * (1 + 1e-9)) if element == "ball" else \
             all(abs(x) <= radius * (1 + 1e-9) for x in d)
 

@@ -78,7 +78,8 @@ def per_class_values(name: str, value: object, allow_none: bool = True) -> torch
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be a number or a sequence of numbers, got {type(value).__name__}.") from exc
     if tensor.ndim > 1:
-        raise ValueError(f"{name} must be a scalar or a 1-D sequence (one value per class), got shape {tuple(tensor.shape)}.")
+        shape = tuple(tensor.shape)
+        raise ValueError(f"{name} must be a scalar or a 1-D sequence (one value per class), got shape {shape}.")
     if not torch.isfinite(tensor).all() or (tensor < 0).any():
         raise ValueError(f"{name} must be finite and >= 0, got {tensor.tolist()}.")
     return tensor
