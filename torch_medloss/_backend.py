@@ -13,6 +13,7 @@ raises ``ValueError`` with the reason: it never silently runs something else.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Iterable
@@ -46,10 +47,11 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "triton":
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
             return f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:
-            return f"triton is not importable ({exc}); install triton==3.6.0"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed; pip install triton==3.6.0"
+        if importlib.util.find_spec("torch_medloss.kernels") is None:
+            # kernels/ becomes torch_medloss.kernels only through setup.py's package_dir (a bare checkout lacks it).
+            return "torch_medloss.kernels is missing: install torch_medloss (pip install -e . in a checkout)"
         return None
     from torch_medloss import _extension  # deferred: importing it must not trigger a build
 

@@ -1,0 +1,52 @@
+"""Command line of torch_medloss: ``python -m torch_medloss <command>`` (or the ``torch-medloss`` script).
+
+Commands:
+    build: compile the C++/CUDA extension into the cache (see torch_medloss._extension) and report what was built.
+        Exits 1 when the CPU part could not be built; a CPU-only build on a machine without CUDA is a success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _build(args: argparse.Namespace) -> int:
+    from torch_medloss import _extension
+
+    report = _extension.build(verbose=args.verbose)
+    if report["path"] is None:
+        print("torch_medloss extension: not built")
+    else:
+        where = "loaded from the cache" if report["from_cache"] else "built and loaded"
+        print(f"torch_medloss extension: {report['path']} ({where} in {report['seconds']:.1f} s)")
+    for part in ("cpu", "cuda"):
+        status = "yes" if report[part] else f"no ({report[f'{part}_reason']})"
+        print(f"  {part}: {status}")
+    return 0 if report["cpu"] else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m torch_medloss", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser(
+        "build",
+        help="compile the C++/CUDA extension into the cache and report what was built",
+        description="Compile csrc/ into the cache ($TORCH_MEDLOSS_CACHE or ~/.cache/torch_medloss) and load it. "
+        "Exits 1 when the CPU part could not be built.",
+    )
+    build.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    build.set_defaults(run=_build)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (the console script passes it to sys.exit)."""
+    args = _parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
