@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from torch_medloss import _backend
+from torch_medloss import _backend, _distributed
 from torch_medloss import _validation as v
 from torch_medloss.label_histogram import label_histogram
 from torch_medloss.reference import dbce as dbce_reference
@@ -58,8 +58,10 @@ def _activation_options(sigmoid, softmax, other_act) -> dict:
     return {"sigmoid": bool(sigmoid), "softmax": bool(softmax), "other_act": other_act}
 
 
-def _common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate) -> dict:
+def _common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate,
+                    distributed) -> dict:
     return {
+        "distributed": _distributed.check_distributed(distributed),
         "include_background": v.check_bool("include_background", include_background),
         "to_onehot_y": v.check_bool("to_onehot_y", to_onehot_y),
         "reduction": v.check_reduction(reduction),
@@ -86,9 +88,11 @@ def _dice_options(
     soft_label=False,
     ignore_index=None,
     validate=False,
+    distributed="auto",
 ) -> dict:
     return {
-        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate),
+        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate,
+                           distributed),
         **_activation_options(sigmoid, softmax, other_act),
         "squared_pred": v.check_bool("squared_pred", squared_pred),
         "jaccard": v.check_bool("jaccard", jaccard),
@@ -119,12 +123,14 @@ def _generalized_dice_options(
     batch=False,
     soft_label=False,
     validate=False,
+    distributed="auto",
 ) -> dict:
     w_type = getattr(w_type, "value", w_type)
     if w_type not in ("square", "simple", "uniform"):
         raise ValueError(f"w_type must be one of ('square', 'simple', 'uniform'), got {w_type!r}.")
     return {
-        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate),
+        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate,
+                           distributed),
         **_activation_options(sigmoid, softmax, other_act),
         "w_type": w_type,
         "soft_label": v.check_bool("soft_label", soft_label),
@@ -146,9 +152,11 @@ def _tversky_options(
     soft_label=False,
     ignore_index=None,
     validate=False,
+    distributed="auto",
 ) -> dict:
     return {
-        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate),
+        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate,
+                           distributed),
         **_activation_options(sigmoid, softmax, other_act),
         "alpha": v.check_float("alpha", alpha),
         "beta": v.check_float("beta", beta),
@@ -174,8 +182,10 @@ def _dice_ce_options(
     lambda_ce=1.0,
     label_smoothing=0.0,
     validate=False,
+    distributed="auto",
 ) -> dict:
-    options = _common_options(include_background, to_onehot_y, "mean", smooth_nr, smooth_dr, batch, validate)
+    options = _common_options(include_background, to_onehot_y, "mean", smooth_nr, smooth_dr, batch, validate,
+                              distributed)
     # DiceCELoss has no "none": its Dice part reduces over space, its CE part does not.
     options["reduction"] = v.check_reduction(reduction, ("mean", "sum"))
     label_smoothing = v.check_nonnegative_float("label_smoothing", label_smoothing)

@@ -9,6 +9,9 @@ Extra keyword arguments on every loss:
         can run on the input's device; a named backend that cannot run raises ValueError saying why.
     validate: check label values on CUDA tensors too (one device sync). CPU tensors are always checked; on CUDA
         without it, an out-of-range label makes the loss NaN instead of raising.
+    distributed (Dice family): "auto" (default) or "off". With ``batch=True`` inside an initialized
+        torch.distributed group of 2+ ranks, "auto" sums the per-class Dice sums over the ranks (with autograd), so
+        every rank computes the global-batch loss and DDP's averaged gradient is that loss's gradient.
 """
 
 from __future__ import annotations
@@ -121,10 +124,11 @@ class DiceLoss(_OptionsLoss):
         *,
         backend: str = "auto",
         validate: bool = False,
+        distributed: str = "auto",
     ) -> None:
         options = F._dice_options(
             include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard, reduction,
-            smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, validate,
+            smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, validate, distributed,
         )
         super().__init__(options, backend)
 
@@ -173,12 +177,13 @@ class PMDiceLoss(_OptionsLoss):
         *,
         backend: str = "auto",
         validate: bool = False,
+        distributed: str = "auto",
     ) -> None:
         options = F._pm_dice_options(
             gamma=gamma, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
             softmax=softmax, other_act=other_act, squared_pred=squared_pred, reduction=reduction,
             smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, weight=weight, soft_label=soft_label,
-            ignore_index=ignore_index, validate=validate,
+            ignore_index=ignore_index, validate=validate, distributed=distributed,
         )
         super().__init__(options, backend)
 
@@ -214,10 +219,11 @@ class GeneralizedDiceLoss(_OptionsLoss):
         *,
         backend: str = "auto",
         validate: bool = False,
+        distributed: str = "auto",
     ) -> None:
         options = F._generalized_dice_options(
             include_background, to_onehot_y, sigmoid, softmax, other_act, w_type, reduction, smooth_nr, smooth_dr,
-            batch, soft_label, validate,
+            batch, soft_label, validate, distributed,
         )
         super().__init__(options, backend)
 
@@ -254,10 +260,11 @@ class TverskyLoss(_OptionsLoss):
         *,
         backend: str = "auto",
         validate: bool = False,
+        distributed: str = "auto",
     ) -> None:
         options = F._tversky_options(
             include_background, to_onehot_y, sigmoid, softmax, other_act, alpha, beta, reduction, smooth_nr,
-            smooth_dr, batch, soft_label, ignore_index, validate,
+            smooth_dr, batch, soft_label, ignore_index, validate, distributed,
         )
         super().__init__(options, backend)
 
@@ -298,10 +305,11 @@ class DiceCELoss(_OptionsLoss):
         *,
         backend: str = "auto",
         validate: bool = False,
+        distributed: str = "auto",
     ) -> None:
         options = F._dice_ce_options(
             include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard, reduction,
-            smooth_nr, smooth_dr, batch, weight, lambda_dice, lambda_ce, label_smoothing, validate,
+            smooth_nr, smooth_dr, batch, weight, lambda_dice, lambda_ce, label_smoothing, validate, distributed,
         )
         super().__init__(options, backend)
 

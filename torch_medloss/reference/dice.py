@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from torch_medloss import _distributed
 from torch_medloss._validation import expand_per_class
 from torch_medloss.reference._common import activate, poison, prepare, reduce_axes, reduce_like_monai_dice
 
@@ -54,6 +55,13 @@ def dice_from_sums(
     return 1.0 - (2 * intersection + smooth_nr) / (denominator + smooth_dr)
 
 
+def global_sums(sums: tuple[torch.Tensor, ...], batch: bool, distributed: str) -> tuple[torch.Tensor, ...]:
+    """Batch sums summed over the ranks of a process group too, when ``batch`` and ``distributed="auto"`` ask."""
+    if not _distributed.active(distributed, batch):
+        return sums
+    return tuple(_distributed.all_reduce_sum(s) for s in sums)
+
+
 def _weighted(f: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Multiply per-class losses (class dim last after batch reduction or second) by class weights."""
     if weight is None or f.shape[-1] == 1:
@@ -80,6 +88,7 @@ def dice_loss(
     soft_label: bool = False,
     ignore_index: int | None = None,
     validate: bool = False,
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """MONAI 1.6.1's DiceLoss; see :class:`torch_medloss.DiceLoss`."""
     return pm_dice_loss(
@@ -101,6 +110,7 @@ def dice_loss(
         soft_label=soft_label,
         ignore_index=ignore_index,
         validate=validate,
+        distributed=distributed,
     )
 
 
@@ -124,6 +134,7 @@ def pm_dice_loss(
     soft_label: bool = False,
     ignore_index: int | None = None,
     validate: bool = False,
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """Pixel-wise Modulated Dice (arXiv 2506.15744): Dice sums weighted by m = |y - stopgrad(p)|^gamma_c.
 
@@ -140,7 +151,8 @@ def pm_dice_loss(
         gammas = gammas.view([1, -1] + [1] * (p.ndim - 2))
         # The modulator is a weight, not a path for gradients: stop-gradient on p.
         modulator = (y - p.detach()).abs().pow(gammas)
-    intersection, pred, ground = dice_sums(p, y, reduce_axes(p.ndim, batch), squared_pred, soft_label, modulator)
+    sums = dice_sums(p, y, reduce_axes(p.ndim, batch), squared_pred, soft_label, modulator)
+    intersection, pred, ground = global_sums(sums, batch, distributed)
     f = dice_from_sums(intersection, pred, ground, jaccard, smooth_nr, smooth_dr)
     f = _weighted(f, weight)
     return poison(reduce_like_monai_dice(f, reduction, p.ndim), prep.bad_labels)
@@ -162,6 +174,7 @@ def generalized_dice_loss(
     batch: bool = False,
     soft_label: bool = False,
     validate: bool = False,
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """MONAI 1.6.1's GeneralizedDiceLoss (Sudre et al. 2017): class weights 1/G^2, 1/G or 1."""
     p = activate(input, sigmoid, softmax, other_act)
@@ -169,9 +182,9 @@ def generalized_dice_loss(
                    ignore_index=None, validate=validate)
     p, y = prep.input, prep.target
     axes = reduce_axes(p.ndim, batch)
-    intersection, pred, ground = dice_sums(p, y, axes, False, soft_label)
+    intersection, pred, ground = global_sums(dice_sums(p, y, axes, False, soft_label), batch, distributed)
     union = pred + ground
-    volume = y.sum(axes).float()
+    volume = ground.float()  # sum y (k = 1)
     if w_type == "simple":
         w = torch.reciprocal(volume)
     elif w_type == "square":
@@ -208,6 +221,7 @@ def tversky_loss(
     soft_label: bool = False,
     ignore_index: int | None = None,
     validate: bool = False,
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """MONAI 1.6.1's TverskyLoss: 1 - (TP + nr) / (TP + alpha*FP + beta*FN + dr); ``none`` gives (B, C)."""
     p = activate(input, sigmoid, softmax, other_act)
@@ -216,12 +230,11 @@ def tversky_loss(
     p, y = prep.input, prep.target
     axes = reduce_axes(p.ndim, batch)
     if soft_label:
-        tp, pred, ground = dice_sums(p, y, axes, False, True)
+        tp, pred, ground = global_sums(dice_sums(p, y, axes, False, True), batch, distributed)
         fp, fn = pred - tp, ground - tp
     else:
-        tp = (p * y).sum(axes)
-        fp = (p * (1 - y)).sum(axes)
-        fn = ((1 - p) * y).sum(axes)
+        tp, fp, fn = global_sums(((p * y).sum(axes), (p * (1 - y)).sum(axes), ((1 - p) * y).sum(axes)), batch,
+                                 distributed)
     score = 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
     if reduction == "sum":
         score = score.sum()

@@ -62,6 +62,7 @@ def dice_ce_loss(
     lambda_ce: float = 1.0,
     label_smoothing: float = 0.0,
     validate: bool = False,
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """MONAI 1.6.1's DiceCELoss; see :class:`torch_medloss.DiceCELoss`."""
     if to_onehot_y and isinstance(target, torch.Tensor) and target.ndim == input.ndim - 1:
@@ -88,6 +89,7 @@ def dice_ce_loss(
         batch=batch,
         weight=dice_weight,
         validate=validate,
+        distributed=distributed,
     )
     ce = cross_entropy_part(input, target, weight, reduction, label_smoothing)
     return lambda_dice * dice + lambda_ce * ce
