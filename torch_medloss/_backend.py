@@ -66,7 +66,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
 
 
-def resolve(op: str, backend: str, device: torch.device, declared: Iterable[str]) -> str:
+def resolve(op: str, backend: str, device: torch.device, declared: Iterable[str], blocker: str | None = None) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
     Args:
@@ -74,8 +74,16 @@ def resolve(op: str, backend: str, device: torch.device, declared: Iterable[str]
         backend: the user's choice, one of ``BACKENDS``.
         device: the device of the op's tensors.
         declared: the backends this op has an implementation for.
+        blocker: why this call's options cannot run fused (e.g. an arbitrary ``other_act``), or None. It rules out
+            every backend but the reference: "auto" falls back with one warning, a named backend raises.
     """
     declared = tuple(declared)
+    if blocker is not None and backend != "reference":
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} cannot run {op}: {blocker}.")
+        if any(name != "reference" for name in declared):
+            _warn_once(op, "fused", blocker)
+        return "reference"
     if backend != "auto":
         if backend not in declared:
             raise ValueError(f"{op} has no {backend!r} backend (it has: {', '.join(declared)}).")
@@ -89,8 +97,13 @@ def resolve(op: str, backend: str, device: torch.device, declared: Iterable[str]
         reason = why_unavailable(candidate, device)
         if reason is None:
             return candidate
-        key = (op, candidate, reason)
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"torch_medloss: {op} falls back from the {candidate} backend: {reason}.", stacklevel=3)
+        _warn_once(op, candidate, reason)
     return "reference"
+
+
+def _warn_once(op: str, backend: str, reason: str) -> None:
+    key = (op, backend, reason)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"torch_medloss: {op} falls back from the {backend} backend to the reference: {reason}.",
+                      stacklevel=4)

@@ -123,6 +123,8 @@ def _register(forward: str, backward: str, backward_op) -> None:
 
 def _register_compiled_ops() -> None:
     # Named by csrc/dice_sums.cpp through set_python_module, as torch requires of C++ ops with Python fake kernels.
+    if not torch._C._dispatch_has_kernel("torch_medloss::dice_sums_fwd"):
+        return  # a library built without csrc/dice_sums.cpp (an older cache entry cannot be: the hash covers sources)
     torch.library.register_fake("torch_medloss::dice_sums_fwd", dice_sums_fwd_fake)
     torch.library.register_fake("torch_medloss::dice_sums_bwd", dice_sums_bwd_fake)
     _register("torch_medloss::dice_sums_fwd", "torch_medloss::dice_sums_bwd", torch.ops.torch_medloss.dice_sums_bwd)

@@ -62,7 +62,7 @@ def global_sums(sums: tuple[torch.Tensor, ...], batch: bool, distributed: str) -
     return tuple(_distributed.all_reduce_sum(s) for s in sums)
 
 
-def _weighted(f: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def weighted_by_class(f: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Multiply per-class losses (class dim last after batch reduction or second) by class weights."""
     if weight is None or f.shape[-1] == 1:
         return f  # MONAI applies no class weight to a single-class loss
@@ -154,7 +154,7 @@ def pm_dice_loss(
     sums = dice_sums(p, y, reduce_axes(p.ndim, batch), squared_pred, soft_label, modulator)
     intersection, pred, ground = global_sums(sums, batch, distributed)
     f = dice_from_sums(intersection, pred, ground, jaccard, smooth_nr, smooth_dr)
-    f = _weighted(f, weight)
+    f = weighted_by_class(f, weight)
     return poison(reduce_like_monai_dice(f, reduction, p.ndim), prep.bad_labels)
 
 
@@ -183,8 +183,21 @@ def generalized_dice_loss(
     p, y = prep.input, prep.target
     axes = reduce_axes(p.ndim, batch)
     intersection, pred, ground = global_sums(dice_sums(p, y, axes, False, soft_label), batch, distributed)
-    union = pred + ground
-    volume = ground.float()  # sum y (k = 1)
+    f = generalized_dice_from_sums(intersection, pred, ground, w_type, batch, smooth_nr, smooth_dr)
+    return poison(reduce_like_monai_dice(f, reduction, p.ndim), prep.bad_labels)
+
+
+def generalized_dice_from_sums(
+    intersection: torch.Tensor,
+    pred: torch.Tensor,
+    ground: torch.Tensor,
+    w_type: str,
+    batch: bool,
+    smooth_nr: float,
+    smooth_dr: float,
+) -> torch.Tensor:
+    """Generalized Dice from per-class sums (k = 1): (B, 1), or (1,) with ``batch``."""
+    volume = ground.float()  # sum y
     if w_type == "simple":
         w = torch.reciprocal(volume)
     elif w_type == "square":
@@ -198,9 +211,27 @@ def generalized_dice_loss(
     w = w + infinite * largest
     class_dim = 0 if batch else 1
     numerator = 2.0 * (intersection * w).sum(class_dim, keepdim=True) + smooth_nr
-    denominator = (union * w).sum(class_dim, keepdim=True) + smooth_dr
-    f = 1.0 - numerator / denominator
-    return poison(reduce_like_monai_dice(f, reduction, p.ndim), prep.bad_labels)
+    denominator = ((pred + ground) * w).sum(class_dim, keepdim=True) + smooth_dr
+    return 1.0 - numerator / denominator
+
+
+def tversky_from_sums(
+    tp: torch.Tensor,
+    fp: torch.Tensor,
+    fn: torch.Tensor,
+    alpha: float,
+    beta: float,
+    smooth_nr: float,
+    smooth_dr: float,
+    reduction: str,
+) -> torch.Tensor:
+    """1 - (TP + nr) / (TP + alpha*FP + beta*FN + dr), then MONAI's Tversky reduction (``none`` keeps (B, C))."""
+    score = 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
+    if reduction == "sum":
+        return score.sum()
+    if reduction == "mean":
+        return score.mean()
+    return score
 
 
 def tversky_loss(
@@ -235,9 +266,4 @@ def tversky_loss(
     else:
         tp, fp, fn = global_sums(((p * y).sum(axes), (p * (1 - y)).sum(axes), ((1 - p) * y).sum(axes)), batch,
                                  distributed)
-    score = 1.0 - (tp + smooth_nr) / (tp + alpha * fp + beta * fn + smooth_dr)
-    if reduction == "sum":
-        score = score.sum()
-    elif reduction == "mean":
-        score = score.mean()
-    return poison(score, prep.bad_labels)
+    return poison(tversky_from_sums(tp, fp, fn, alpha, beta, smooth_nr, smooth_dr, reduction), prep.bad_labels)

@@ -16,6 +16,16 @@ from torch_medloss.reference._common import poison
 from torch_medloss.reference.dice import dice_loss
 
 
+def check_ce_weight(weight: torch.Tensor | None, num_classes: int) -> None:
+    """torch's cross entropy takes one weight per class (BCE's pos_weight, for one channel, broadcasts)."""
+    if weight is None or num_classes == 1:
+        return
+    if weight.ndim == 0:
+        raise ValueError("weight must hold one value per class for the cross entropy, got a scalar.")
+    if weight.shape[0] != num_classes:
+        raise ValueError(f"weight has {weight.shape[0]} values but input has {num_classes} classes.")
+
+
 def cross_entropy_part(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -67,11 +77,7 @@ def dice_ce_loss(
     """MONAI 1.6.1's DiceCELoss; see :class:`torch_medloss.DiceCELoss`."""
     if to_onehot_y and isinstance(target, torch.Tensor) and target.ndim == input.ndim - 1:
         target = target.unsqueeze(1)
-    num_classes = input.shape[1]
-    if weight is not None and weight.ndim == 1 and num_classes > 1 and weight.shape[0] != num_classes:
-        raise ValueError(f"weight has {weight.shape[0]} values but input has {num_classes} classes.")
-    if weight is not None and weight.ndim == 0 and num_classes > 1:
-        raise ValueError("weight must hold one value per class for the cross entropy, got a scalar.")
+    check_ce_weight(weight, input.shape[1])
     dice_weight = weight[1:] if weight is not None and not include_background and weight.ndim == 1 else weight
     dice = dice_loss(
         input,
