@@ -28,8 +28,22 @@ def active(distributed: str, batch: bool) -> bool:
     return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, differentiable."""
-    from torch.distributed.nn.functional import all_reduce  # imported lazily: only under an initialized group
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the incoming gradients over ranks too (every rank's loss uses the sum)."""
 
-    return all_reduce(tensor)
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        return total
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks of the default group, differentiable."""
+    return _AllReduceSum.apply(tensor)

@@ -274,6 +274,8 @@ def dice_ce_loss(
     dice_weight = weight[1:] if weight is not None and not include_background and weight.ndim == 1 else weight
     f = dice_from_sums(intersection, pred, ground, jaccard, smooth_nr, smooth_dr)
     dice = reduce_like_monai_dice(weighted_by_class(f, dice_weight), reduction, input.ndim)
-    ce_sum = extras[:, 0].sum()
-    ce = ce_sum if reduction == "sum" else ce_sum / extras[:, 1].sum()
+    ce_total, ce_normalizer = extras[:, 0].sum(), extras[:, 1].sum()
+    if _distributed.active(distributed, batch):
+        ce_total, ce_normalizer = _distributed.all_reduce_sum(ce_total), _distributed.all_reduce_sum(ce_normalizer)
+    ce = ce_total if reduction == "sum" else ce_total / ce_normalizer
     return poison(lambda_dice * dice + lambda_ce * ce.to(dice.dtype), bad)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from torch_medloss import _distributed
 from torch_medloss._validation import invalid_label_flag
 from torch_medloss.reference._common import poison
 from torch_medloss.reference.dice import dice_loss
@@ -26,30 +27,38 @@ def check_ce_weight(weight: torch.Tensor | None, num_classes: int) -> None:
         raise ValueError(f"weight has {weight.shape[0]} values but input has {num_classes} classes.")
 
 
-def cross_entropy_part(
+def cross_entropy_sums(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    reduction: str,
     label_smoothing: float,
-) -> torch.Tensor:
-    """MONAI's ``DiceCELoss.ce`` / ``.bce``: the target is (B, 1, *S) labels or (B, C, *S) one-hot/soft."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MONAI's ``DiceCELoss.ce`` / ``.bce`` as (total, normalizer): torch's "sum" and the divisor of its "mean".
+
+    The target is (B, 1, *S) labels (normalizer: the summed class weights of the labels), (B, C, *S) one-hot/soft
+    (normalizer: the pixel count), or, for one channel, binary targets (BCE with ``pos_weight=weight``).
+    """
     num_classes = input.shape[1]
     if num_classes == 1:
         target = target if target.is_floating_point() else target.to(input.dtype)
         pos_weight = None if weight is None else weight.to(input)
-        return F.binary_cross_entropy_with_logits(input, target, pos_weight=pos_weight, reduction=reduction)
+        total = F.binary_cross_entropy_with_logits(input, target, pos_weight=pos_weight, reduction="sum")
+        return total, torch.tensor(float(target.numel()), dtype=total.dtype, device=total.device)
     class_weight = None if weight is None else weight.to(input)
     if target.shape[1] == 1:
         labels = target[:, 0].long()
         bad = invalid_label_flag(labels, num_classes, None)
         # Out-of-range labels (unvalidated CUDA tensors only) must not reach the indexing kernel: class 0 + NaN.
         labels = torch.where((labels >= 0) & (labels < num_classes), labels, torch.zeros_like(labels))
-        loss = F.cross_entropy(input, labels, weight=class_weight, reduction=reduction,
-                               label_smoothing=label_smoothing)
-        return poison(loss, bad)
+        total = F.cross_entropy(input, labels, weight=class_weight, reduction="sum", label_smoothing=label_smoothing)
+        if class_weight is None:
+            normalizer = torch.tensor(float(labels.numel()), dtype=total.dtype, device=total.device)
+        else:
+            normalizer = class_weight[labels].sum()
+        return poison(total, bad), normalizer
     target = target if target.is_floating_point() else target.to(input.dtype)
-    return F.cross_entropy(input, target, weight=class_weight, reduction=reduction, label_smoothing=label_smoothing)
+    total = F.cross_entropy(input, target, weight=class_weight, reduction="sum", label_smoothing=label_smoothing)
+    return total, torch.tensor(float(target[:, 0].numel()), dtype=total.dtype, device=total.device)
 
 
 def dice_ce_loss(
@@ -97,5 +106,9 @@ def dice_ce_loss(
         validate=validate,
         distributed=distributed,
     )
-    ce = cross_entropy_part(input, target, weight, reduction, label_smoothing)
+    total, normalizer = cross_entropy_sums(input, target, weight, label_smoothing)
+    if _distributed.active(distributed, batch):
+        # Under batch=True every rank computes the global loss: the cross entropy too, from summed totals.
+        total, normalizer = _distributed.all_reduce_sum(total), _distributed.all_reduce_sum(normalizer)
+    ce = total if reduction == "sum" else total / normalizer
     return lambda_dice * dice + lambda_ce * ce

@@ -1,0 +1,64 @@
+"""Two-process gloo check of distributed batch Dice (run by test_distributed.py, not collected by pytest).
+
+Each rank takes half of a fixed batch, runs a tiny model under DistributedDataParallel and a batch=True loss, and
+writes its loss and parameter gradients; the single-process run on the whole batch is the expected result.
+Usage: python ddp_worker.py LOSS BACKEND OUT_DIR
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import torch_medloss
+
+WORLD = 2
+OPTIONS = {"to_onehot_y": True, "softmax": True, "batch": True}
+
+
+def make_loss(name: str, backend: str):
+    cls = {"dice": torch_medloss.DiceLoss, "pm_dice": torch_medloss.PMDiceLoss,
+           "generalized_dice": torch_medloss.GeneralizedDiceLoss, "tversky": torch_medloss.TverskyLoss,
+           "dice_ce": torch_medloss.DiceCELoss}[name]
+    return cls(backend=backend, **OPTIONS)
+
+
+def make_data():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 2, 6, 5, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 3, (4, 1, 6, 5), generator=generator)
+    return images, labels
+
+
+def make_model():
+    torch.manual_seed(1)
+    return torch.nn.Conv2d(2, 3, 3, padding=1).double()
+
+
+def run_rank(rank: int, name: str, backend: str, out_dir: str, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    images, labels = make_data()
+    half = images.shape[0] // WORLD
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    loss = make_loss(name, backend)(model(images[rank * half:(rank + 1) * half]), labels[rank * half:(rank + 1) * half])
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # let both ranks finish their collectives before tearing the group down
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    name, backend, out_dir = sys.argv[1:4]
+    images, labels = make_data()
+    model = make_model()
+    loss = make_loss(name, backend)(model(images), labels)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, f"{out_dir}/single.pt")
+    init_file = os.path.join(out_dir, "init")
+    mp.spawn(run_rank, args=(name, backend, out_dir, init_file), nprocs=WORLD, join=True)
+
+
+if __name__ == "__main__":
+    main()
