@@ -34,7 +34,7 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_backend, "why_unavailable", lambda backend, device: None if backend == "reference"
                         else "the extension did not build (test)")
     monkeypatch.setattr(_backend, "_warned", set())
-    with pytest.warns(UserWarning, match="op_x falls back from the cpp backend to the reference: the extension did not build"):
+    with pytest.warns(UserWarning, match="op_x falls back from the cpp backend to the reference: the extension did"):
         assert _backend.resolve("op_x", "auto", torch.device("cpu"), ("cpp", "reference")) == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call must not warn again
