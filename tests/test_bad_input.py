@@ -91,8 +91,12 @@ def test_bad_options(make, error, match):
         (lambda: F.dbce_loss(LOGITS, LABELS.to("meta")), ValueError, "same device"),
         (lambda: F.dice_loss(LOGITS, [0, 1]), TypeError, "target must be a torch.Tensor"),
         # backends that this op does not have or that cannot run here
-        (lambda: F.dice_loss(LOGITS, LABELS, to_onehot_y=True, backend="cpp"), ValueError,
-         "dice_loss has no 'cpp' backend"),
+        (lambda: F.focal_loss(LOGITS, LABELS, to_onehot_y=True, backend="cpp"), ValueError,
+         "focal_loss has no 'cpp' backend"),
+        (lambda: F.dice_loss(LOGITS, LABELS, to_onehot_y=True, backend="cuda"), ValueError,
+         "cannot run dice_loss: the CUDA backend runs on CUDA tensors"),
+        (lambda: F.dice_loss(LOGITS, LABELS, to_onehot_y=True, other_act=torch.tanh, backend="cpp"), ValueError,
+         "cannot run dice_loss: other_act is an arbitrary callable"),
         (lambda: F.dilated_class_weights(LABELS[:, 0], 2, 1.0), ValueError, r"labels holds labels outside \[0, 2\)"),
         (lambda: F.dilated_class_weights(LABELS[:, 0].float(), 3, 1.0), TypeError, "labels must be an integer"),
         (lambda: F.dilated_class_weights(LABELS[:, 0], 0, 1.0), TypeError, "num_classes must be an int >= 1"),
@@ -125,11 +129,12 @@ def test_nan_logits_propagate(loss):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_unchecked_bad_labels_give_nan(loss, monkeypatch):
     """What a CUDA tensor without validate=True gets: a NaN loss, never an indexing error or a wrong number."""
-    from torch_medloss import _validation
+    from torch_medloss import _validation, dice_family
     from torch_medloss.reference import _common
 
     skip = lambda *args, **kwargs: None  # noqa: E731
     monkeypatch.setattr(_common, "check_label_map", skip)
+    monkeypatch.setattr(dice_family, "check_label_map", skip)
     monkeypatch.setattr(_validation, "check_label_map", skip)
     monkeypatch.setattr(F.v, "check_label_map", skip)
     bad = LABELS.clone()

@@ -263,7 +263,7 @@ def dice_ce_loss(
     distributed: str = "auto",
 ) -> Tensor:
     """Fused reference.dice_ce.dice_ce_loss: the Dice sums and the cross entropy from the same pass."""
-    if to_onehot_y and target.ndim == input.ndim - 1:
+    if to_onehot_y and isinstance(target, Tensor) and target.ndim == input.ndim - 1:
         target = target.unsqueeze(1)
     check_ce_weight(weight, input.shape[1])
     (intersection, pred, ground, _), extras, bad = fused_sums(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from torch_medloss import _backend, _distributed
+from torch_medloss import _backend, _distributed, dice_family
 from torch_medloss import _validation as v
 from torch_medloss.label_histogram import label_histogram
 from torch_medloss.reference import dbce as dbce_reference
@@ -32,13 +32,14 @@ __all__ = [
     "tversky_loss",
 ]
 
-# The backends each op has. Fused kernels add themselves here as they land; until then "auto" means "reference".
+FUSED = ("triton", "cuda", "cpp", "reference")
+# The backends each op has; "auto" picks among them by device (torch_medloss._backend).
 BACKENDS = {
-    "dice_loss": ("reference",),
-    "pm_dice_loss": ("reference",),
-    "generalized_dice_loss": ("reference",),
-    "tversky_loss": ("reference",),
-    "dice_ce_loss": ("reference",),
+    "dice_loss": FUSED,
+    "pm_dice_loss": FUSED,
+    "generalized_dice_loss": FUSED,
+    "tversky_loss": FUSED,
+    "dice_ce_loss": FUSED,
     "focal_loss": ("reference",),
     "dbce_loss": ("reference",),
     "dilated_class_weights": ("reference",),
@@ -48,6 +49,17 @@ BACKENDS = {
 def _run(op: str, implementations: dict[str, Callable], backend: str, input: torch.Tensor, *args, **kwargs):
     chosen = _backend.resolve(op, backend, input.device, BACKENDS[op])
     return implementations[chosen](input, *args, **kwargs)
+
+
+def _run_dice_family(op: str, reference: Callable, fused: Callable, backend: str, input: torch.Tensor,
+                     target: torch.Tensor, options: dict) -> torch.Tensor:
+    """Dice-family ops: one fused kernel pass plus a small head, unless these options cannot be fused."""
+    v.check_logits(input)
+    blocker = dice_family.fusion_blocker(input, target, options, with_ce=op == "dice_ce_loss")
+    chosen = _backend.resolve(op, backend, input.device, BACKENDS[op], blocker)
+    if chosen == "reference":
+        return reference(input, target, **options)
+    return fused(input, target, backend=chosen, **options)
 
 
 # ----------------------------------------------------------------------------------------------- Dice family options
@@ -255,29 +267,28 @@ def _dbce_options(radius=3.0, element="ball", spacing=None, batch=False, ignore_
 
 
 def _dice(input, target, options: dict, backend: str) -> torch.Tensor:
-    v.check_logits(input)
-    return _run("dice_loss", {"reference": dice_reference.dice_loss}, backend, input, target, **options)
+    return _run_dice_family("dice_loss", dice_reference.dice_loss, dice_family.dice_loss, backend, input, target,
+                            options)
 
 
 def _pm_dice(input, target, options: dict, backend: str) -> torch.Tensor:
-    v.check_logits(input)
-    return _run("pm_dice_loss", {"reference": dice_reference.pm_dice_loss}, backend, input, target, **options)
+    return _run_dice_family("pm_dice_loss", dice_reference.pm_dice_loss, dice_family.pm_dice_loss, backend, input,
+                            target, options)
 
 
 def _generalized_dice(input, target, options: dict, backend: str) -> torch.Tensor:
-    v.check_logits(input)
-    implementations = {"reference": dice_reference.generalized_dice_loss}
-    return _run("generalized_dice_loss", implementations, backend, input, target, **options)
+    return _run_dice_family("generalized_dice_loss", dice_reference.generalized_dice_loss,
+                            dice_family.generalized_dice_loss, backend, input, target, options)
 
 
 def _tversky(input, target, options: dict, backend: str) -> torch.Tensor:
-    v.check_logits(input)
-    return _run("tversky_loss", {"reference": dice_reference.tversky_loss}, backend, input, target, **options)
+    return _run_dice_family("tversky_loss", dice_reference.tversky_loss, dice_family.tversky_loss, backend, input,
+                            target, options)
 
 
 def _dice_ce(input, target, options: dict, backend: str) -> torch.Tensor:
-    v.check_logits(input)
-    return _run("dice_ce_loss", {"reference": _dice_ce_reference}, backend, input, target, **options)
+    return _run_dice_family("dice_ce_loss", _dice_ce_reference, dice_family.dice_ce_loss, backend, input, target,
+                            options)
 
 
 def _focal(input, target, options: dict, backend: str) -> torch.Tensor:
