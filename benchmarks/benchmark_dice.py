@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), device=device)
     rows = []
     for name, make in LOSSES.items():
-        candidates = [(backend, lambda b=backend: make(b)) for backend in args.backends.split(",")]
-        candidates.append(("MONAI", lambda: monai_loss(name)))
+        candidates = [(backend, lambda b=backend, make=make: make(b)) for backend in args.backends.split(",")]
+        candidates.append(("MONAI", lambda name=name: monai_loss(name)))
         for label, build in candidates:
             try:
                 with warnings.catch_warnings():

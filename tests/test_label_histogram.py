@@ -304,7 +304,8 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
     monkeypatch.setattr(_extension, "why_not_loaded", lambda cuda: "no C++ compiler found")
     monkeypatch.setattr(_backend, "_warned", set())
     labels = random_labels((2, 9, 4), torch.int32, 3, -100, invalid=False)
-    with pytest.warns(UserWarning, match=r"label_histogram falls back from the cpp backend to the reference: no C\+\+ compiler") as seen:
+    expected = r"label_histogram falls back from the cpp backend to the reference: no C\+\+ compiler"
+    with pytest.warns(UserWarning, match=expected) as seen:
         first = label_histogram(labels, 3)
         second = label_histogram(labels, 3)
     assert len([w for w in seen if "falls back" in str(w.message)]) == 1
