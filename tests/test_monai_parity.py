@@ -10,6 +10,13 @@ import torch
 import torch_medloss
 from helpers import assert_same_loss
 
+
+@pytest.fixture(params=["reference", "auto"])
+def backend(request):
+    """Every parity test runs on the reference and on what "auto" picks here (the fused C++ kernels on CPU)."""
+    return request.param
+
+
 SHAPES = {"2d": (2, 4, 7, 5), "3d": (2, 4, 5, 4, 3)}
 DTYPES = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-6, 1e-9)}
 
@@ -23,12 +30,12 @@ def make_case(shape, dtype, onehot):
     return logits, labels
 
 
-def check(ours_cls, monai_cls, kwargs, shape_key, dtype, onehot=False):
+def check(ours_cls, monai_cls, kwargs, shape_key, dtype, backend, onehot=False):
     logits, target = make_case(SHAPES[shape_key], dtype, onehot)
     rtol, atol = DTYPES[dtype]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # both libraries warn alike for single-channel options
-        assert_same_loss(ours_cls(**kwargs), monai_cls(**kwargs), logits, target, rtol, atol)
+        assert_same_loss(ours_cls(backend=backend, **kwargs), monai_cls(**kwargs), logits, target, rtol, atol)
 
 
 ACTIVATIONS = [{"softmax": True}, {"sigmoid": True}, {}, {"other_act": torch.tanh}]
@@ -44,8 +51,8 @@ DICE_GRID = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kwargs", DICE_GRID, ids=str)
-def test_dice_loss_grid(kwargs, dtype):
-    check(torch_medloss.DiceLoss, monai.losses.DiceLoss, {"to_onehot_y": True, **kwargs}, "2d", dtype)
+def test_dice_loss_grid(kwargs, dtype, backend):
+    check(torch_medloss.DiceLoss, monai.losses.DiceLoss, {"to_onehot_y": True, **kwargs}, "2d", dtype, backend)
 
 
 @pytest.mark.parametrize(
@@ -65,30 +72,44 @@ def test_dice_loss_grid(kwargs, dtype):
     ids=str,
 )
 @pytest.mark.parametrize("shape_key", SHAPES)
-def test_dice_loss_options(kwargs, shape_key):
-    check(torch_medloss.DiceLoss, monai.losses.DiceLoss, {"to_onehot_y": True, **kwargs}, shape_key, torch.float64)
+def test_dice_loss_options(kwargs, shape_key, backend):
+    check(
+        torch_medloss.DiceLoss,
+        monai.losses.DiceLoss,
+        {"to_onehot_y": True, **kwargs},
+        shape_key,
+        torch.float64,
+        backend,
+    )
 
 
 @pytest.mark.parametrize("ignore_index", [None, 1, -100])
 @pytest.mark.parametrize("soft_label", [False, True])
-def test_dice_loss_one_hot_target(ignore_index, soft_label):
+def test_dice_loss_one_hot_target(ignore_index, soft_label, backend):
     kwargs = {"softmax": True, "ignore_index": ignore_index, "soft_label": soft_label}
-    check(torch_medloss.DiceLoss, monai.losses.DiceLoss, kwargs, "3d", torch.float64, onehot=True)
+    check(torch_medloss.DiceLoss, monai.losses.DiceLoss, kwargs, "3d", torch.float64, backend, onehot=True)
 
 
-def test_dice_loss_soft_target():
+def test_dice_loss_soft_target(backend):
     logits = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     target = torch.softmax(torch.randn(2, 3, 6, 5, dtype=torch.float64), 1)
     for soft_label in (False, True):
         kwargs = {"softmax": True, "soft_label": soft_label}
-        assert_same_loss(torch_medloss.DiceLoss(**kwargs), monai.losses.DiceLoss(**kwargs), logits, target, 1e-6, 1e-9)
+        assert_same_loss(
+            torch_medloss.DiceLoss(backend=backend, **kwargs),
+            monai.losses.DiceLoss(**kwargs),
+            logits,
+            target,
+            1e-6,
+            1e-9,
+        )
 
 
-def test_single_channel_warnings_match():
+def test_single_channel_warnings_match(backend):
     logits, target = torch.randn(2, 1, 4, 4), torch.randint(0, 2, (2, 1, 4, 4)).float()
     kwargs = {"softmax": True, "to_onehot_y": True, "include_background": False}
     with pytest.warns(UserWarning, match="single channel prediction"):
-        ours = torch_medloss.DiceLoss(**kwargs)(logits, target)
+        ours = torch_medloss.DiceLoss(backend=backend, **kwargs)(logits, target)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = monai.losses.DiceLoss(**kwargs)(logits, target)
@@ -104,20 +125,35 @@ GDL_GRID = [
 
 
 @pytest.mark.parametrize("kwargs", GDL_GRID, ids=str)
-def test_generalized_dice_grid(kwargs):
-    check(torch_medloss.GeneralizedDiceLoss, monai.losses.GeneralizedDiceLoss, {"to_onehot_y": True, **kwargs},
-          "2d", torch.float64)
+def test_generalized_dice_grid(kwargs, backend):
+    check(
+        torch_medloss.GeneralizedDiceLoss,
+        monai.losses.GeneralizedDiceLoss,
+        {"to_onehot_y": True, **kwargs},
+        "2d",
+        torch.float64,
+        backend,
+    )
 
 
-def test_generalized_dice_absent_class_and_soft_label():
+def test_generalized_dice_absent_class_and_soft_label(backend):
     # Class 3 is absent: its infinite weight becomes the largest finite one, as in MONAI.
     logits = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     labels = torch.randint(0, 3, (2, 1, 6, 6))
-    for kwargs in ({"softmax": True}, {"softmax": True, "batch": True, "reduction": "sum"},
-                   {"softmax": True, "soft_label": True}):
+    for kwargs in (
+        {"softmax": True},
+        {"softmax": True, "batch": True, "reduction": "sum"},
+        {"softmax": True, "soft_label": True},
+    ):
         kwargs = {"to_onehot_y": True, **kwargs}
-        assert_same_loss(torch_medloss.GeneralizedDiceLoss(**kwargs), monai.losses.GeneralizedDiceLoss(**kwargs),
-                         logits, labels, 1e-6, 1e-9)
+        assert_same_loss(
+            torch_medloss.GeneralizedDiceLoss(backend=backend, **kwargs),
+            monai.losses.GeneralizedDiceLoss(**kwargs),
+            logits,
+            labels,
+            1e-6,
+            1e-9,
+        )
 
 
 TVERSKY_GRID = [
@@ -130,8 +166,8 @@ TVERSKY_GRID = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kwargs", TVERSKY_GRID, ids=str)
-def test_tversky_grid(kwargs, dtype):
-    check(torch_medloss.TverskyLoss, monai.losses.TverskyLoss, {"to_onehot_y": True, **kwargs}, "3d", dtype)
+def test_tversky_grid(kwargs, dtype, backend):
+    check(torch_medloss.TverskyLoss, monai.losses.TverskyLoss, {"to_onehot_y": True, **kwargs}, "3d", dtype, backend)
 
 
 FOCAL_GRID = [
@@ -150,24 +186,41 @@ FOCAL_GRID = [
 
 
 @pytest.mark.parametrize("kwargs", FOCAL_GRID, ids=str)
-def test_focal_grid(kwargs):
+def test_focal_grid(kwargs, backend):
     # MONAI computes the focal loss in float32 whatever the input, so parity is checked in float32.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scalar alpha without background is ignored, with a warning, by both
-        check(torch_medloss.FocalLoss, monai.losses.FocalLoss, {"to_onehot_y": True, **kwargs}, "2d", torch.float32)
+        check(
+            torch_medloss.FocalLoss,
+            monai.losses.FocalLoss,
+            {"to_onehot_y": True, **kwargs},
+            "2d",
+            torch.float32,
+            backend,
+        )
 
 
-def test_focal_ignore_index_label_map():
+def test_focal_ignore_index_label_map(backend):
     logits = torch.randn(2, 4, 5, 5)
     labels = torch.randint(0, 4, (2, 1, 5, 5))
     labels[0, 0, :2] = -100
     kwargs = {"to_onehot_y": True, "ignore_index": -100, "use_softmax": True}
-    assert_same_loss(torch_medloss.FocalLoss(**kwargs), monai.losses.FocalLoss(**kwargs), logits, labels, 1e-5, 1e-6)
+    assert_same_loss(
+        torch_medloss.FocalLoss(backend=backend, **kwargs), monai.losses.FocalLoss(**kwargs), logits, labels, 1e-5, 1e-6
+    )
 
 
 DICE_CE_GRID = [
-    dict(softmax=True, squared_pred=sq, jaccard=jac, batch=batch, include_background=bg, reduction=red,
-         lambda_dice=ld, lambda_ce=lc)
+    dict(
+        softmax=True,
+        squared_pred=sq,
+        jaccard=jac,
+        batch=batch,
+        include_background=bg,
+        reduction=red,
+        lambda_dice=ld,
+        lambda_ce=lc,
+    )
     for sq, jac, batch, bg, red, (ld, lc) in itertools.product(
         [False, True], [False, True], [False, True], [True, False], ["mean", "sum"], [(1.0, 1.0), (0.3, 2.0)]
     )
@@ -176,48 +229,64 @@ DICE_CE_GRID = [
 
 
 @pytest.mark.parametrize("kwargs", DICE_CE_GRID, ids=str)
-def test_dice_ce_grid(kwargs):
-    check(torch_medloss.DiceCELoss, monai.losses.DiceCELoss, {"to_onehot_y": True, **kwargs}, "2d", torch.float64)
+def test_dice_ce_grid(kwargs, backend):
+    check(
+        torch_medloss.DiceCELoss, monai.losses.DiceCELoss, {"to_onehot_y": True, **kwargs}, "2d", torch.float64, backend
+    )
 
 
 @pytest.mark.parametrize("include_background", [True, False])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("onehot", [False, True])
-def test_dice_ce_weight_smoothing_onehot(include_background, label_smoothing, onehot):
+def test_dice_ce_weight_smoothing_onehot(include_background, label_smoothing, onehot, backend):
     weight = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
-    kwargs = {"softmax": True, "to_onehot_y": not onehot, "weight": weight,
-              "include_background": include_background, "label_smoothing": label_smoothing}
-    check(torch_medloss.DiceCELoss, monai.losses.DiceCELoss, kwargs, "2d", torch.float64, onehot=onehot)
+    kwargs = {
+        "softmax": True,
+        "to_onehot_y": not onehot,
+        "weight": weight,
+        "include_background": include_background,
+        "label_smoothing": label_smoothing,
+    }
+    check(torch_medloss.DiceCELoss, monai.losses.DiceCELoss, kwargs, "2d", torch.float64, backend, onehot=onehot)
 
 
-def test_dice_ce_single_channel_is_bce():
+def test_dice_ce_single_channel_is_bce(backend):
     logits = torch.randn(2, 1, 6, 6, dtype=torch.float64)
     target = torch.randint(0, 2, (2, 1, 6, 6)).to(torch.float64)
     kwargs = {"sigmoid": True, "weight": torch.tensor([2.0], dtype=torch.float64)}
-    assert_same_loss(torch_medloss.DiceCELoss(**kwargs), monai.losses.DiceCELoss(**kwargs), logits, target, 1e-6, 1e-9)
+    assert_same_loss(
+        torch_medloss.DiceCELoss(backend=backend, **kwargs),
+        monai.losses.DiceCELoss(**kwargs),
+        logits,
+        target,
+        1e-6,
+        1e-9,
+    )
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64, torch.float32])
-def test_label_dtypes(label_dtype):
+def test_label_dtypes(label_dtype, backend):
     """Labels of any integer dtype, and MONAI's float label maps, give the same loss."""
     logits = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     labels = torch.randint(0, 3, (2, 1, 6, 6))
     expected = monai.losses.DiceLoss(to_onehot_y=True, softmax=True)(logits, labels)
-    torch.testing.assert_close(torch_medloss.DiceLoss(to_onehot_y=True, softmax=True)(logits, labels.to(label_dtype)),
-                               expected)
+    torch.testing.assert_close(
+        torch_medloss.DiceLoss(to_onehot_y=True, softmax=True, backend=backend)(logits, labels.to(label_dtype)),
+        expected,
+    )
 
 
-def test_label_map_without_channel_dim():
+def test_label_map_without_channel_dim(backend):
     logits = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     labels = torch.randint(0, 3, (2, 1, 6, 6))
-    loss = torch_medloss.DiceLoss(to_onehot_y=True, softmax=True)
+    loss = torch_medloss.DiceLoss(to_onehot_y=True, softmax=True, backend=backend)
     torch.testing.assert_close(loss(logits, labels[:, 0]), loss(logits, labels))
 
 
-def test_channels_last_input():
+def test_channels_last_input(backend):
     logits = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     labels = torch.randint(0, 3, (2, 1, 6, 5))
-    loss = torch_medloss.DiceLoss(to_onehot_y=True, softmax=True)
+    loss = torch_medloss.DiceLoss(to_onehot_y=True, softmax=True, backend=backend)
     torch.testing.assert_close(loss(logits.to(memory_format=torch.channels_last), labels), loss(logits, labels))
 
 
