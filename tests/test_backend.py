@@ -51,3 +51,14 @@ def test_auto_prefers_the_fused_backend_when_it_runs(monkeypatch):
 @pytest.mark.parametrize("name", ["auto", "triton", "cuda", "cpp", "reference"])
 def test_backend_names(name):
     assert _backend.check_backend_name(name) == name
+
+
+def test_availability_is_a_compile_time_constant():
+    """why_unavailable carries the mark torch.compiler.assume_constant_result gives (set without importing dynamo)."""
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    flags = {name for name in vars(marked) if name.startswith("_dynamo")}
+    assert flags and all(getattr(_backend.why_unavailable, name, None) is True for name in flags), flags

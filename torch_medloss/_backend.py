@@ -66,6 +66,13 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
 
 
+# torch.compile must treat the answer as a constant: it runs the function once while tracing instead of tracing the
+# extension's lock and file checks, which would break the graph. This is the attribute that
+# torch.compiler.assume_constant_result sets (tests/test_backend.py checks that it still is); setting it directly
+# keeps `import torch_medloss` from importing torch._dynamo (about 0.8 s, and triton with it).
+why_unavailable._dynamo_marked_constant = True
+
+
 def resolve(op: str, backend: str, device: torch.device, declared: Iterable[str], blocker: str | None = None) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 

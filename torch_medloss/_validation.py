@@ -134,6 +134,8 @@ def check_label_map(
         raise TypeError(f"{name} must be an integer tensor of class labels, got dtype {labels.dtype}.")
     if not (validate or labels.device.type == "cpu") or labels.numel() == 0:
         return
+    if torch.compiler.is_compiling():
+        return  # reading values would break the graph: compiled code gets the NaN path of unchecked CUDA tensors
     valid = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         valid |= labels == ignore_index
