@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from torch_medloss import _backend, _distributed, dice_family
+from torch_medloss import _backend, _distributed, dbce_family, dice_family
 from torch_medloss import _validation as v
 from torch_medloss.label_histogram import label_histogram
 from torch_medloss.reference import dbce as dbce_reference
@@ -243,7 +243,7 @@ def _focal_options(
 
 
 def _dbce_options(radius=3.0, element="ball", spacing=None, batch=False, ignore_index=-100, reduction="mean",
-                  validate=False) -> dict:
+                  validate=False, distributed="auto") -> dict:
     if element not in ("ball", "cube"):
         raise ValueError(f"element must be 'ball' or 'cube', got {element!r}.")
     if spacing is not None:
@@ -260,6 +260,7 @@ def _dbce_options(radius=3.0, element="ball", spacing=None, batch=False, ignore_
         "ignore_index": v.check_ignore_index(ignore_index, allow_none=False),
         "reduction": v.check_reduction(reduction),
         "validate": v.check_bool("validate", validate),
+        "distributed": _distributed.check_distributed(distributed),
     }
 
 
@@ -323,7 +324,11 @@ def _dbce(input, target, options: dict, backend: str) -> torch.Tensor:
     validate = options.pop("validate")
     labels = _check_dbce_labels(input, target, options["ignore_index"], validate)
     _check_spacing(options["spacing"], labels.ndim - 1)
-    return _run("dbce_loss", {"reference": dbce_reference.dbce_loss}, backend, input, labels, **options)
+    blocker = dbce_family.fusion_blocker(input, labels)
+    chosen = _backend.resolve("dbce_loss", backend, input.device, BACKENDS["dbce_loss"], blocker)
+    if chosen == "reference":
+        return dbce_reference.dbce_loss(input, labels, **options)
+    return dbce_family.dbce_loss(input, labels, backend=chosen, **options)
 
 
 # ------------------------------------------------------------------------------------------------- public functions
@@ -372,9 +377,10 @@ def dbce_loss(
     reduction: str = "mean",
     backend: str = "auto",
     validate: bool = False,
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """Functional :class:`torch_medloss.DBCELoss`."""
-    options = _dbce_options(radius, element, spacing, batch, ignore_index, reduction, validate)
+    options = _dbce_options(radius, element, spacing, batch, ignore_index, reduction, validate, distributed)
     return _dbce(input, target, options, _backend.check_backend_name(backend))
 
 
@@ -386,9 +392,10 @@ def balanced_ce_loss(
     reduction: str = "mean",
     backend: str = "auto",
     validate: bool = False,
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """Functional :class:`torch_medloss.BalancedCELoss`: DBCE with radius 0 (inverse class frequency weights)."""
-    options = _dbce_options(0.0, "ball", None, batch, ignore_index, reduction, validate)
+    options = _dbce_options(0.0, "ball", None, batch, ignore_index, reduction, validate, distributed)
     return _dbce(input, target, options, _backend.check_backend_name(backend))
 
 
@@ -422,8 +429,11 @@ def dilated_class_weights(
         raise ValueError(f"labels must have shape (B, *S) with at least one spatial dim, got {tuple(labels.shape)}.")
     v.check_label_map(labels, num_classes, options["ignore_index"], True, name="labels")
     _check_spacing(options["spacing"], labels.ndim - 1)
-    implementations = {"reference": dbce_reference.dilated_class_weights}
-    return _run(
-        "dilated_class_weights", implementations, _backend.check_backend_name(backend), labels, num_classes,
-        options["radius"], options["element"], options["spacing"], options["batch"], options["ignore_index"],
-    )
+    args = (labels, num_classes, options["radius"], options["element"], options["spacing"], options["batch"],
+            options["ignore_index"])
+    blocker = dbce_family.fusion_blocker(labels.new_empty((1, num_classes) + (1,) * (labels.ndim - 1)), labels)
+    chosen = _backend.resolve("dilated_class_weights", _backend.check_backend_name(backend), labels.device,
+                              BACKENDS["dilated_class_weights"], blocker)
+    if chosen == "reference":
+        return dbce_reference.dilated_class_weights(*args)
+    return dbce_family.dilated_class_weights(*args, backend=chosen)

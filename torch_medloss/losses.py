@@ -365,7 +365,8 @@ class DBCELoss(_OptionsLoss):
         ignore_index: label left out of everything. Default -100.
         reduction: "mean" (sum w*CE / sum w over the batch's valid pixels, 0 if none), "sum", or "none" (the
             (B, *S) map w*CE, 0 at ignored pixels).
-        backend, validate: see :mod:`torch_medloss.losses`.
+        backend, validate, distributed: see :mod:`torch_medloss.losses` (with ``batch=True`` under an initialized
+            process group, "auto" sums the counts, areas and normalizer over the ranks: the global-batch loss).
 
     Raises:
         TypeError: float labels, non-floating logits. ValueError: labels outside [0, C) other than ignore_index,
@@ -385,8 +386,10 @@ class DBCELoss(_OptionsLoss):
         backend: str = "auto",
         *,
         validate: bool = False,
+        distributed: str = "auto",
     ) -> None:
-        super().__init__(F._dbce_options(radius, element, spacing, batch, ignore_index, reduction, validate), backend)
+        options = F._dbce_options(radius, element, spacing, batch, ignore_index, reduction, validate, distributed)
+        super().__init__(options, backend)
 
 
 class BalancedCELoss(_OptionsLoss):
@@ -405,5 +408,7 @@ class BalancedCELoss(_OptionsLoss):
         backend: str = "auto",
         *,
         validate: bool = False,
+        distributed: str = "auto",
     ) -> None:
-        super().__init__(F._dbce_options(0.0, "ball", None, batch, ignore_index, reduction, validate), backend)
+        options = F._dbce_options(0.0, "ball", None, batch, ignore_index, reduction, validate, distributed)
+        super().__init__(options, backend)

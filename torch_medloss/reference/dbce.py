@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torch_medloss import _distributed
 from torch_medloss._validation import invalid_label_flag
 from torch_medloss.reference._common import compute_dtype, poison
 
@@ -71,6 +72,26 @@ def dilate(masks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def class_weights_from_sums(
+    counts: torch.Tensor, areas: torch.Tensor, batch: bool, distributed: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class weights w_c = N / (K * A_c), 0 for absent classes; areas A_c) of each unit.
+
+    From per-image counts |M_c| and dilated areas |D_c| (B, C); with ``batch`` the unit is the batch ((C,) results),
+    summed over the ranks of a process group too when ``distributed`` is active. N is the sum of the counts (every
+    valid pixel belongs to exactly one class).
+    """
+    if batch:
+        counts, areas = counts.sum(0), areas.sum(0)
+        if _distributed.active(distributed, batch):
+            counts, areas = _distributed.all_reduce_sum(counts), _distributed.all_reduce_sum(areas)
+    present = counts > 0
+    valid_count = counts.sum(-1, keepdim=True)
+    num_present = present.sum(-1, keepdim=True)
+    ratio = valid_count.to(dtype) / (num_present.to(dtype) * areas.to(dtype))
+    return torch.where(present, ratio, torch.zeros_like(ratio)), areas
+
+
 def dilated_class_weights(
     labels: torch.Tensor,
     num_classes: int,
@@ -80,6 +101,7 @@ def dilated_class_weights(
     batch: bool = False,
     ignore_index: int = -100,
     dtype: torch.dtype = torch.float32,
+    distributed: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pixel_weights (B, *S), class_weights, dilated_areas) for labels (B, *S) whose values are all valid.
 
@@ -94,15 +116,7 @@ def dilated_class_weights(
     dilated = dilate(members, structuring_element(radius, element, spacing).to(labels.device))
     dilated &= valid.unsqueeze(1)  # D_c
     space = list(range(2, members.ndim))
-    areas = dilated.sum(space)  # A_c per image, (B, C)
-    counts = members.sum(space)
-    valid_count = valid.flatten(1).sum(1)  # N per image, (B,)
-    if batch:
-        areas, counts, valid_count = areas.sum(0), counts.sum(0), valid_count.sum()
-    present = counts > 0
-    num_present = present.sum(-1, keepdim=True)
-    ratio = valid_count.to(dtype).unsqueeze(-1) / (num_present.to(dtype) * areas.to(dtype))
-    class_weights = torch.where(present, ratio, torch.zeros_like(ratio))
+    class_weights, areas = class_weights_from_sums(members.sum(space), dilated.sum(space), batch, distributed, dtype)
     per_image = class_weights.expand(labels.shape[0], num_classes) if batch else class_weights
     candidates = dilated * per_image.view(list(per_image.shape) + [1] * spatial_ndim)
     pixel_weights = candidates.amax(dim=1)
@@ -119,6 +133,7 @@ def dbce_loss(
     batch: bool = False,
     ignore_index: int = -100,
     reduction: str = "mean",
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """DBCE on logits (B, C, *S) and labels (B, *S) (checked by the caller); see :class:`torch_medloss.DBCELoss`."""
     num_classes = input.shape[1]
@@ -130,7 +145,7 @@ def dbce_loss(
     valid = valid & in_range
     dtype = compute_dtype(input)
     pixel_weights, _, _ = dilated_class_weights(
-        labels, num_classes, radius, element, spacing, batch, ignore_index, torch.float64
+        labels, num_classes, radius, element, spacing, batch, ignore_index, torch.float64, distributed
     )
     pixel_weights = pixel_weights.to(dtype)
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -139,11 +154,17 @@ def dbce_loss(
     weighted = torch.where(valid, pixel_weights * ce, torch.zeros_like(ce))
     if reduction == "none":
         return poison(weighted, bad)
-    total = weighted.sum()
+    return poison(reduce_weighted(weighted.sum(), pixel_weights.sum(), reduction, batch, distributed), bad)
+
+
+def reduce_weighted(total: torch.Tensor, normalizer: torch.Tensor, reduction: str, batch: bool,
+                    distributed: str) -> torch.Tensor:
+    """"sum" = sum w*CE; "mean" = sum w*CE / sum w (0 when nothing is valid), over the ranks too when distributed."""
+    if _distributed.active(distributed, batch):
+        total, normalizer = _distributed.all_reduce_sum(total), _distributed.all_reduce_sum(normalizer)
     if reduction == "sum":
-        return poison(total, bad)
-    normalizer = pixel_weights.sum()  # 0 at ignored pixels already
-    return poison(total / normalizer.clamp_min(torch.finfo(dtype).tiny), bad)
+        return total
+    return total / normalizer.clamp_min(torch.finfo(normalizer.dtype).tiny)
 
 
 def balanced_ce_loss(
@@ -153,7 +174,8 @@ def balanced_ce_loss(
     batch: bool = False,
     ignore_index: int = -100,
     reduction: str = "mean",
+    distributed: str = "auto",
 ) -> torch.Tensor:
     """Balanced cross entropy: DBCE with radius 0, i.e. inverse class frequency weights N / (K * |M_c|)."""
     return dbce_loss(input, labels, radius=0.0, element="ball", spacing=None, batch=batch,
-                     ignore_index=ignore_index, reduction=reduction)
+                     ignore_index=ignore_index, reduction=reduction, distributed=distributed)
