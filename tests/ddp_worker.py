@@ -19,6 +19,10 @@ OPTIONS = {"to_onehot_y": True, "softmax": True, "batch": True}
 
 
 def make_loss(name: str, backend: str):
+    if name == "dbce":
+        return torch_medloss.DBCELoss(radius=1.5, batch=True, backend=backend)
+    if name == "balanced_ce":
+        return torch_medloss.BalancedCELoss(batch=True, backend=backend)
     cls = {"dice": torch_medloss.DiceLoss, "pm_dice": torch_medloss.PMDiceLoss,
            "generalized_dice": torch_medloss.GeneralizedDiceLoss, "tversky": torch_medloss.TverskyLoss,
            "dice_ce": torch_medloss.DiceCELoss}[name]
