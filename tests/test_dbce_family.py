@@ -81,3 +81,47 @@ def test_blockers():
     assert dbce_family.fusion_blocker(torch.randn(1, 65, 4), None) is not None
     assert dbce_family.fusion_blocker(torch.randn(1, 3, 2, 2, 2, 2), None) is not None
     assert dbce_family.fusion_blocker(torch.randn(1, 64, 4, 4), None) is None
+
+
+def test_triton_losses_under_the_interpreter():
+    """DBCELoss, BalancedCELoss and dilated_class_weights with backend="triton" equal the reference."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch, torch_medloss
+        from torch_medloss import functional as F
+        torch.manual_seed(0)
+        logits = torch.randn(2, 3, 5, 6, requires_grad=True)
+        labels = torch.randint(0, 3, (2, 5, 6))
+        labels[0, 0, :2] = -100
+        for cls, kw in [(torch_medloss.DBCELoss, dict(radius=1.5)), (torch_medloss.DBCELoss, dict(element="cube",
+                        batch=True, reduction="sum")), (torch_medloss.BalancedCELoss, dict(reduction="none"))]:
+            values = [cls(backend=b, **kw)(logits, labels) for b in ("triton", "reference")]
+            grads = [torch.autograd.grad(v.sum(), logits)[0] for v in values]
+            torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+        got = F.dilated_class_weights(labels, 3, 2.0, backend="triton")
+        expected = F.dilated_class_weights(labels, 3, 2.0, backend="reference")
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not _cpp_dbce_built(), reason="the C++ DBCE ops are not built")
+def test_auto_uses_cpp_and_compiles_fullgraph():
+    import torch_medloss
+
+    model = torch.nn.Conv2d(2, 3, 3, padding=1)
+    loss_fn = torch_medloss.DBCELoss(radius=2.0)
+    images, labels = torch.randn(2, 2, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    compiled = torch.compile(lambda x, y: loss_fn(model(x), y), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(images, labels), loss_fn(model(images), labels))
+    reference = torch_medloss.DBCELoss(radius=2.0, backend="reference")(model(images), labels)
+    torch.testing.assert_close(loss_fn(model(images), labels), reference)

@@ -41,8 +41,8 @@ BACKENDS = {
     "tversky_loss": FUSED,
     "dice_ce_loss": FUSED,
     "focal_loss": ("reference",),
-    "dbce_loss": ("reference",),
-    "dilated_class_weights": ("reference",),
+    "dbce_loss": FUSED,
+    "dilated_class_weights": FUSED,
 }
 
 
