@@ -30,7 +30,7 @@ tail -3 "$OUT/tests.log" >> "$OUT/results.md"
 echo '## Benchmarks (forward+backward, do_bench medians)' >> "$OUT/results.md"
 for spec in "2,4,128,128,128 float32" "2,4,128,128,128 bfloat16" "2,14,96,96,96 float32" "16,4,512,512 float32"; do
   set -- $spec
-  timeout 120 python benchmarks/benchmark_dice.py --shape "$1" --dtype "$2" --json "$OUT/dice_${1//,/x}_$2.json" \
+  timeout 120 python benchmarks/benchmark_losses.py --shape "$1" --dtype "$2" --json "$OUT/losses_${1//,/x}_$2.json" \
     >> "$OUT/results.md" 2>> "$OUT/bench.err"
 done
 cat "$OUT/results.md"

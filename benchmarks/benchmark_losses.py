@@ -1,10 +1,10 @@
-"""Forward+backward time of the Dice-family losses per backend, against MONAI, in one run.
+"""Forward+backward time of the fused losses per backend, against the reference and MONAI, in one run.
 
-    python benchmarks/benchmark_dice.py [--shape 2,4,48,48,48] [--dtype float32] [--json PATH]
+    python benchmarks/benchmark_losses.py [--shape 2,4,48,48,48] [--dtype float32] [--losses Dice,DBCE] [--json PATH]
 
 GPU: medians of ``triton.testing.do_bench`` (ms), peak extra memory above the inputs (MiB). CPU: medians of
 ``torch.utils.benchmark`` (no peak memory: a CPU figure would mean nothing). The main benchmark command with all
-losses and baselines comes with the benchmark issue; this script is the Dice family's own.
+losses and baselines comes with the benchmark issue; this script is the fused losses' own.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ LOSSES = {
     "PM Dice": lambda backend: torch_medloss.PMDiceLoss(gamma=2.0, to_onehot_y=True, softmax=True, batch=True,
                                                         backend=backend),
     "Dice+CE": lambda backend: torch_medloss.DiceCELoss(to_onehot_y=True, softmax=True, batch=True, backend=backend),
+    "DBCE": lambda backend: torch_medloss.DBCELoss(radius=3.0, element="ball", backend=backend),
+    "Balanced CE": lambda backend: torch_medloss.BalancedCELoss(backend=backend),
 }
 
 
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default=None, help="B,C,*S (default: 2,4,128,128,128 on GPU, 2,4,48,48,48 on CPU)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backends", default="auto,triton,cuda,cpp,reference")
+    parser.add_argument("--losses", default=",".join(LOSSES), help=f"comma-separated, from {', '.join(LOSSES)}")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
     logits = torch.randn(shape, device=device, dtype=dtype).mul_(3).requires_grad_(True)
     labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), device=device)
     rows = []
-    for name, make in LOSSES.items():
+    for name in args.losses.split(","):
+        make = LOSSES[name]
         candidates = [(backend, lambda b=backend, make=make: make(b)) for backend in args.backends.split(",")]
         candidates.append(("MONAI", lambda name=name: monai_loss(name)))
         for label, build in candidates:
