@@ -3,6 +3,8 @@
 Commands:
     build: compile the C++/CUDA extension into the cache (see torch_medloss._extension) and report what was built.
         Exits 1 when the CPU part could not be built; a CPU-only build on a machine without CUDA is a success.
+    bench: time forward+backward of the losses per backend against the reference (eager and compiled), MONAI and
+        nnU-Net, on the GPU when there is one, else the CPU; prints a markdown table (see torch_medloss.bench).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def _build(args: argparse.Namespace) -> int:
     return 0 if report["cpu"] else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from torch_medloss.bench import cli
+
+    return cli.run(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m torch_medloss", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     build.set_defaults(run=_build)
+
+    from torch_medloss.bench import cli as bench_cli
+
+    bench = commands.add_parser("bench", help="benchmark the losses against the reference, MONAI and nnU-Net",
+                                description=bench_cli.DESCRIPTION)
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(run=_bench)
     return parser
 
 
