@@ -27,10 +27,6 @@ echo '## GPU tests' >> "$OUT/results.md"
 timeout 240 python -m pytest -q -x -p no:cacheprovider -k "cuda or triton or gpu" tests > "$OUT/tests.log" 2>&1
 tail -3 "$OUT/tests.log" >> "$OUT/results.md"
 
-echo '## Benchmarks (forward+backward, do_bench medians)' >> "$OUT/results.md"
-for spec in "2,4,128,128,128 float32" "2,4,128,128,128 bfloat16" "2,14,96,96,96 float32" "16,4,512,512 float32"; do
-  set -- $spec
-  timeout 120 python benchmarks/benchmark_losses.py --shape "$1" --dtype "$2" --json "$OUT/losses_${1//,/x}_$2.json" \
-    >> "$OUT/results.md" 2>> "$OUT/bench.err"
-done
+echo '## Benchmark (python -m torch_medloss bench: forward+backward, do_bench medians)' >> "$OUT/results.md"
+timeout 330 python -m torch_medloss bench --no-progress --json "$OUT/bench.json" >> "$OUT/results.md" 2> "$OUT/bench.err"
 cat "$OUT/results.md"
