@@ -518,3 +518,16 @@ def test_compile_fullgraph(ops):
     (expected_grad,) = torch.autograd.grad(expected, expected_leaf)
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("element", [BALL, CUBE], ids=["ball", "cube"])
+def test_masks_mixed_reaches(ops, element):
+    # Slices of a few pixels (several per task), reaches that differ per axis and exceed some dims, and class counts
+    # on each side of the 16-class bit-counting switch.
+    shape = (2, 12, 5, 14)
+    for index, (radius, spacing) in enumerate([(0.5, [0.4, 1.0, 2.0]), (1.8, [1.3, 0.6, 1.0]),
+                                               (4.2, [2.3, 1.1, 0.6]), (6.0, [1.0, 3.0, 0.9])]):
+        for classes in (3, 12, 40):
+            labels = make_labels(shape, classes, seed=100 + index)
+            check_masks(ops, labels, classes, -100, element, radius, spacing,
+                        f"radius {radius}, spacing {spacing}, C = {classes}")

@@ -1,27 +1,17 @@
 // CPU kernels of torch_medloss::dbce_masks, dbce_ce_fwd and dbce_ce_bwd (schema and contract in csrc/dbce.cpp; the
 // ground truth is torch_medloss/reference/dbce_ops.py).
 //
-// dbce_masks, per image. The labels (any dtype and strides) are first copied into a compact int32 map: the label
-// where it is valid, -1 where it is ignored or invalid; the same pass counts |M_c|, the invalid labels and each
-// class's bounding box. The dilation is then separable:
-//
-//   cube: max_k |o_k s_k| <= R is a box of half-widths r_k, so D_c is three 1-D ORs of a 64-bit mask holding
-//         1 << label at the valid pixels (along W, then H, then D), and-ed with the valid pixels at the end.
-//   ball: sum_k (o_k s_k)^2 <= R^2 (1 + 1e-9) is an ellipsoid. For each present class, a truncated squared-distance
-//         transform in double: along D, a(i) = min (k s_D)^2 over the members at offsets k; along H, b(i) =
-//         min a(i + k e_H) + (k s_H)^2; along W, d(i) = min b(i + k e_W) + (k s_W)^2; bit c is set where i is valid
-//         and d(i) <= R^2 (1 + 1e-9). Adding the terms in the reference's order (D, H, W) and taking minima, which
-//         commute with a rounded addition of a constant, gives d(i) = the smallest of the reference's own rounded
-//         sums over the members within the element's extents, so the boundary test is bitwise the reference's
-//         (squares are x * x, which is what CPython's x ** 2 rounds to; Python >= 3.12 sums with compensation, which
-//         can differ only within ~1e-16 of the limit, far inside its 1e-9 tolerance). Each pass is restricted to
-//         the class's bounding box grown by the reach, so a small class costs little.
-//
-// Each pass is a loop over output rows (d, h) whose inner loop runs along W with unit stride, so it vectorises. The
-// cost is O(pixels * (2 r + 1)) per pass and class: radius 10 costs about 3x radius 3 (21 vs 7 window taps).
-// Images of fewer than kSmallImage pixels (or a batch with at least as many images as threads) run one image per
-// task; larger ones run image after image with their rows spread over the threads. The masks are exact (minima,
-// ORs, integer counts), so they do not depend on the split or on the thread count.
+// dbce_masks: each element (ball or cube, any spacing) is a down-set: offset o is in it iff |o_W| <= T[|o_D|][|o_H|]
+// (make_params; for the ball T[a][b] is the largest c with ((a s_D)^2 + (b s_H)^2) + (c s_W)^2 <= R^2 (1 + 1e-9), the
+// reference's test summed in its order with x * x squares, so the boundary is bitwise the reference's). The labels
+// become one word per pixel with bit c set at the members of class c (uint8 for C <= 8 ... uint64), all classes
+// at once. Slice d of the dilation is then, with X_a = OR of the words of slices d - a .. d + a (nested in a) and
+// Z_b = OR over a of X_a dilated along W by T[a][b], the OR over o of Z_|o| shifted by o rows, and-ed with the valid
+// pixels. Everything is an OR of shifted slices (slices carry zero margins, so a shift is one flat loop): about
+// 2 r_D + sum_a T[a][0] + (#Z planes) + 2 r_H slice passes of 16 lanes for C <= 8, whatever the class layout; pairs
+// (a, b) that a wider a covers are skipped, and the cube needs one a and one Z plane. Radius 10 costs about 3.5x
+// radius 3. Counts |M_c|, invalid labels and areas |D_c| are integer sums per slice added in slice order; tasks are
+// slices (both passes at::parallel_for over (image, slice)), so the masks do not depend on the thread count.
 //
 // dbce_ce_fwd / dbce_ce_bwd: one at::parallel_for task per (image, chunk of kChunkPixels pixels), as in
 // dice_sums_kernel.cpp. Inside a task the logits go through class-major tiles of kTilePixels pixels (C <= 64, so a
@@ -41,6 +31,8 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 // Elementwise loops over rows that never alias (see dice_sums_kernel.cpp); no reductions, so no result changes.
@@ -53,10 +45,8 @@ constexpr int64_t kElementBall = 0, kElementCube = 1;
 constexpr int64_t kMaxClasses = 64;  // one bit per class in an int64 mask
 // The reference's relative tolerance on the element's boundary (torch_medloss/reference/dbce.py).
 constexpr double kBoundaryTolerance = 1e-9;
-// Images below this many pixels run one per task (rows of one image would be too little work per task).
-constexpr int64_t kSmallImage = int64_t{1} << 16;
-// Pixels of rows per task when the rows of one image are spread over the threads.
-constexpr int64_t kRowTaskPixels = 4096;
+// Masks: at least this many pixels of slices per task (a constant; the results are exact integers anyway).
+constexpr int64_t kSliceTaskPixels = 16384;
 // Cross entropy: pixels per task (a constant, never derived from the thread count) and per tile.
 constexpr int64_t kChunkPixels = 8192;
 constexpr int64_t kTilePixels = 64;
@@ -78,29 +68,21 @@ at::ScalarType mask_dtype(int64_t classes) {
   return classes <= 8 ? at::kByte : classes <= 16 ? at::kShort : classes <= 32 ? at::kInt : at::kLong;
 }
 
-// Runs fn(begin, end) over [begin, end), on the threads when parallel, else here.
-template <typename Fn>
-void for_range(bool parallel, int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
-  if (begin >= end) {
-    return;
-  }
-  if (parallel) {
-    at::parallel_for(begin, end, grain, fn);
-  } else {
-    fn(begin, end);
-  }
-}
-
 // ============================================================================================================ masks
 
+// The element as a down-set: offset (o_D, o_H, o_W) is in it iff |o_W| <= reach_w[|o_D|][|o_H|] (-1: no o_W fits).
+// For the ball the entry is the largest c with ((a s_D)^2 + (b s_H)^2) + (c s_W)^2 <= R^2 (1 + 1e-9), summed in the
+// reference's order with x * x squares; each term grows with its index, so the set of c that pass is a prefix. For
+// the cube it is r_W for every a <= r_D, b <= r_H.
 struct MaskParams {
   int64_t classes;
   int64_t ignore_index;
-  int64_t element;
   int64_t dims[3];   // D, H, W
   int64_t reach[3];  // half-width of the element along D, H, W (within the image)
-  double limit;      // ball: R^2 (1 + 1e-9)
-  std::vector<double> square[3];  // ball: (k s)^2 for k = 0 .. reach
+  std::vector<int64_t> reach_w;  // (reach[0] + 1) x (reach[1] + 1), row-major in a
+  int64_t w_of(int64_t a, int64_t b) const {
+    return reach_w[a * (reach[1] + 1) + b];
+  }
 };
 
 MaskParams make_params(const at::Tensor& labels, int64_t classes, int64_t ignore_index, int64_t element,
@@ -108,9 +90,9 @@ MaskParams make_params(const at::Tensor& labels, int64_t classes, int64_t ignore
   MaskParams p;
   p.classes = classes;
   p.ignore_index = ignore_index;
-  p.element = element;
   const double widened = radius * (1 + kBoundaryTolerance);
-  p.limit = radius * radius * (1 + kBoundaryTolerance);
+  const double limit = radius * radius * (1 + kBoundaryTolerance);
+  std::vector<double> square[3];
   for (int k = 0; k < 3; ++k) {
     const int64_t dim = labels.size(k + 1);
     p.dims[k] = dim;
@@ -123,341 +105,269 @@ MaskParams make_params(const at::Tensor& labels, int64_t classes, int64_t ignore
         --reach;
       }
     } else {
-      p.square[k].resize(reach + 1);
+      square[k].resize(reach + 1);
       for (int64_t o = 0; o <= reach; ++o) {
         const double length = static_cast<double>(o) * spacing[k];
-        p.square[k][o] = length * length;
+        square[k][o] = length * length;
       }
     }
     p.reach[k] = reach;
   }
+  p.reach_w.assign((p.reach[0] + 1) * (p.reach[1] + 1), p.reach[2]);
+  if (element == kElementBall) {
+    for (int64_t a = 0; a <= p.reach[0]; ++a) {
+      for (int64_t b = 0; b <= p.reach[1]; ++b) {
+        const double partial = square[0][a] + square[1][b];
+        int64_t c = p.reach[2];
+        while (c >= 0 && !(partial + square[2][c] <= limit)) {
+          --c;
+        }
+        p.reach_w[a * (p.reach[1] + 1) + b] = c;
+      }
+    }
+  }
   return p;
 }
 
-// Inclusive bounding box of a class's members: lo[k] > hi[k] when the class is absent.
-struct Box {
-  int64_t lo[3];
-  int64_t hi[3];
+// How one slice is dilated, from MaskParams. With X_a the members dilated by |o_D| <= a (nested in a), the slice's
+// dilation is OR over o_H of Z_|o_H| shifted by o_H rows, where Z_b = OR over a of X_a dilated along W by
+// reach_w[a][b]. A pair (a, b) is skipped when reach_w[a + 1][b] is as wide (X_a is inside X_(a+1)), and rows b with
+// the same pairs share one Z plane (for the cube every b shares one).
+struct SlicePlan {
+  struct Use {
+    int64_t a, width, plane;  // Z plane `plane` |= X_a dilated along W by `width`
+  };
+  std::vector<Use> uses;         // by a, then width
+  std::vector<int64_t> plane_of;  // b -> Z plane, -1 when Z_b is empty
+  int64_t planes = 0;
+  int64_t last_a = -1;           // the largest a used
 };
 
-// The working buffers of one image (the compact labels, the 64-bit masks and two planes of scratch).
-struct Workspace {
-  std::vector<int32_t> lab;      // label where valid, else -1
-  std::vector<uint64_t> bits;    // the masks being built
-  std::vector<uint64_t> or_tmp;  // cube: one pass's output
-  std::vector<double> dist0, dist1;
-  void reserve(const MaskParams& p, int64_t pixels) {
-    lab.resize(pixels);
-    bits.resize(pixels);
-    if (p.element == kElementCube) {
-      or_tmp.resize(pixels);
-    } else {
-      dist0.resize(pixels);
-      dist1.resize(pixels);
+SlicePlan make_plan(const MaskParams& p) {
+  SlicePlan plan;
+  const int64_t rd = p.reach[0], rh = p.reach[1];
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> pairs(rh + 1);  // b -> (a, width)
+  for (int64_t b = 0; b <= rh; ++b) {
+    for (int64_t a = 0; a <= rd; ++a) {
+      const int64_t width = p.w_of(a, b);
+      if (width >= 0 && (a == rd || p.w_of(a + 1, b) < width)) {
+        pairs[b].emplace_back(a, width);
+      }
     }
+  }
+  plan.plane_of.assign(rh + 1, -1);
+  for (int64_t b = 0; b <= rh; ++b) {
+    if (pairs[b].empty()) {
+      continue;
+    }
+    if (b > 0 && pairs[b] == pairs[b - 1]) {
+      plan.plane_of[b] = plan.plane_of[b - 1];
+      continue;
+    }
+    plan.plane_of[b] = plan.planes++;
+    for (const auto& pair : pairs[b]) {
+      plan.uses.push_back({pair.first, pair.second, plan.plane_of[b]});
+      plan.last_a = std::max(plan.last_a, pair.first);
+    }
+  }
+  std::sort(plan.uses.begin(), plan.uses.end(), [](const SlicePlan::Use& x, const SlicePlan::Use& y) {
+    return x.a != y.a ? x.a < y.a : x.width < y.width;
+  });
+  return plan;
+}
+
+// Slices are stored with zero margins: reach[1] rows above and below, reach[2] columns left and right, so every shift
+// along H or W is one flat loop over the slice (a column never leaves its row: the margins are at least as wide as
+// the shift). Only the interior rows are written; the margin rows stay zero.
+struct SliceGeometry {
+  int64_t H, W, mh, mw, row, size, first, last;  // row: padded row length; [first, last): the interior rows
+  explicit SliceGeometry(const MaskParams& p)
+      : H(p.dims[1]), W(p.dims[2]), mh(p.reach[1]), mw(p.reach[2]), row(W + 2 * mw), size((H + 2 * mh) * row),
+        first(mh * row), last((mh + H) * row) {}
+  int64_t at(int64_t h, int64_t w) const {
+    return (h + mh) * row + w + mw;
   }
 };
 
-// Per-image statistics gathered with the compact labels.
-struct ImageStats {
-  std::vector<int64_t> counts;  // (C,)
+// Adds, for each class c < C, the number of elements of row[0, n) with bit c set to count[c].
+template <typename bits_t>
+void count_bits(const bits_t* row, int64_t n, int64_t C, int64_t* count) {
+  if (C <= 16) {
+    for (int64_t c = 0; c < C; ++c) {
+      uint32_t total = 0;  // n <= H * W < 2**31
+      MEDLOSS_SIMD
+      for (int64_t i = 0; i < n; ++i) {
+        total += static_cast<uint32_t>((row[i] >> c) & 1u);
+      }
+      count[c] += total;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      for (uint64_t bits = row[i]; bits != 0; bits &= bits - 1) {
+        ++count[__builtin_ctzll(bits)];
+      }
+    }
+  }
+}
+
+// out[i] |= in[i] for i in [first, last); in is a shifted view of another slice (its reads stay inside the padding).
+template <typename bits_t>
+void or_shifted(bits_t* __restrict__ out, const bits_t* __restrict__ in, int64_t first, int64_t last) {
+  MEDLOSS_SIMD
+  for (int64_t i = first; i < last; ++i) {
+    out[i] |= in[i];
+  }
+}
+
+// out[i] |= in0[i] | in1[i] for i in [first, last), both views of other slices.
+template <typename bits_t>
+void or_shifted2(bits_t* __restrict__ out, const bits_t* __restrict__ in0, const bits_t* __restrict__ in1,
+                 int64_t first, int64_t last) {
+  MEDLOSS_SIMD
+  for (int64_t i = first; i < last; ++i) {
+    out[i] |= in0[i] | in1[i];
+  }
+}
+
+// Slice (b, d) of the labels into bits (1 << label at the valid pixels, 0 elsewhere), with its counts |M_c| and
+// invalid labels added to count[0, C) and count[C].
+template <typename label_t, typename bits_t>
+void load_slice(const MaskParams& p, const SliceGeometry& g, const label_t* slice, const int64_t* strides,
+                bits_t* bits, int64_t* count) {
+  const int64_t C = p.classes;
+  const int64_t sh = strides[1], sw = strides[2];
   int64_t invalid = 0;
-  std::vector<Box> boxes;       // (C,)
-};
+  for (int64_t h = 0; h < g.H; ++h) {
+    const label_t* src = slice + h * sh;
+    bits_t* dst = bits + g.at(h, 0);
+    for (int64_t w = 0; w < g.W; ++w) {
+      const int64_t label = static_cast<int64_t>(src[w * sw]);
+      // One unsigned comparison rejects both label < 0 and label >= C.
+      const bool in_range = static_cast<uint64_t>(label) < static_cast<uint64_t>(C);
+      const bool ignored = label == p.ignore_index;
+      dst[w] = in_range && !ignored ? static_cast<bits_t>(bits_t{1} << (static_cast<uint32_t>(label) & 63u))
+                                    : bits_t{0};
+      invalid += !in_range && !ignored ? 1 : 0;
+    }
+    count_bits(dst, g.W, C, count);
+  }
+  count[C] += invalid;
+}
 
-// Copies image b's labels into ws.lab and gathers its counts, invalid count and class boxes. Rows (d, h) in chunks.
-template <typename label_t>
-void load_labels(const MaskParams& p, const label_t* image, const int64_t* strides, Workspace& ws, ImageStats& st,
-                 bool parallel) {
-  const int64_t D = p.dims[0], H = p.dims[1], W = p.dims[2];
-  const int64_t C = p.classes;
-  const int64_t rows = D * H;
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kRowTaskPixels / std::max<int64_t>(W, 1));
-  const int64_t chunks = ceil_div(rows, rows_per_chunk);
-  // Per chunk: C counts, 1 invalid, 6 C box bounds (integers: the order of the merge does not matter).
-  const int64_t row_size = C + 1 + 6 * C;
-  std::vector<int64_t> partial(chunks * row_size);
-  for_range(parallel, 0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      int64_t* counts = partial.data() + chunk * row_size;
-      int64_t* invalid = counts + C;
-      int64_t* box = invalid + 1;  // lo d, h, w, hi d, h, w per class
+// Slice d of one image's bits (the padded volume `bits`) dilated into out (the mask dtype), with |D_c| added to
+// area[c]. x, wide, out_bits and z (plan.planes slices) are scratch of g.size elements whose margin rows are zero.
+template <typename bits_t, typename mask_t>
+void dilate_slice(const MaskParams& p, const SlicePlan& plan, const SliceGeometry& g, const bits_t* bits, int64_t d,
+                  bits_t* x, bits_t* wide, bits_t* z, bits_t* acc, mask_t* out, int64_t* area) {
+  const int64_t D = p.dims[0];
+  const int64_t first = g.first, last = g.last;
+  const bits_t* own = bits + d * g.size;
+  const bits_t* result = own;
+  if (plan.last_a >= 0 && (p.reach[0] > 0 || p.reach[1] > 0 || p.reach[2] > 0)) {
+    for (int64_t k = 0; k < plan.planes; ++k) {
+      std::fill(z + k * g.size + first, z + k * g.size + last, bits_t{0});
+    }
+    std::copy(own + first, own + last, x + first);
+    int64_t a = 0;  // x holds X_a
+    size_t u = 0;
+    while (u < plan.uses.size()) {
+      const int64_t want = plan.uses[u].a;
+      for (; a < want;) {
+        ++a;
+        if (d - a >= 0 && d + a < D) {
+          or_shifted2(x, bits + (d - a) * g.size, bits + (d + a) * g.size, first, last);
+        } else if (d - a >= 0) {
+          or_shifted(x, bits + (d - a) * g.size, first, last);
+        } else if (d + a < D) {
+          or_shifted(x, bits + (d + a) * g.size, first, last);
+        }
+      }
+      // Along W: wide = X_a dilated by t, t growing through this a's widths.
+      std::copy(x + first, x + last, wide + first);
+      int64_t t = 0;
+      for (; u < plan.uses.size() && plan.uses[u].a == a; ++u) {
+        for (; t < plan.uses[u].width;) {
+          ++t;
+          or_shifted2(wide, x - t, x + t, first, last);
+        }
+        or_shifted(z + plan.uses[u].plane * g.size, wide, first, last);
+      }
+    }
+    // Along H: acc = OR over o of Z_|o| shifted by o rows.
+    std::copy(z + plan.plane_of[0] * g.size + first, z + plan.plane_of[0] * g.size + last, acc + first);
+    for (int64_t o = 1; o <= p.reach[1]; ++o) {
+      if (plan.plane_of[o] < 0) {
+        break;  // Z_b is nested: empty from here on
+      }
+      const bits_t* zo = z + plan.plane_of[o] * g.size;
+      or_shifted2(acc, zo - o * g.row, zo + o * g.row, first, last);
+    }
+    result = acc;
+  } else if (plan.last_a < 0) {
+    std::fill(acc + first, acc + last, bits_t{0});
+    result = acc;
+  }
+  for (int64_t h = 0; h < g.H; ++h) {
+    const bits_t* in = result + g.at(h, 0);
+    const bits_t* valid = own + g.at(h, 0);
+    bits_t* masked = wide + g.at(h, 0);  // wide is free again
+    mask_t* dst = out + h * g.W;
+    MEDLOSS_SIMD
+    for (int64_t w = 0; w < g.W; ++w) {
+      const bits_t m = valid[w] != 0 ? in[w] : bits_t{0};
+      masked[w] = m;
+      dst[w] = static_cast<mask_t>(m);
+    }
+    count_bits(masked, g.W, p.classes, area);
+  }
+}
+
+template <typename label_t, typename mask_t>
+void masks_impl(const MaskParams& p, const at::Tensor& labels, at::Tensor& masks, int64_t* counts_out,
+                int64_t* areas_out, int64_t* invalid_out) {
+  using bits_t = std::make_unsigned_t<mask_t>;
+  const int64_t batch = labels.size(0), D = p.dims[0], C = p.classes;
+  const int64_t slice_pixels = p.dims[1] * p.dims[2];
+  const SliceGeometry g(p);
+  const SlicePlan plan = make_plan(p);
+  const label_t* data = labels.const_data_ptr<label_t>();
+  const int64_t strides[3] = {labels.stride(1), labels.stride(2), labels.stride(3)};
+  const int64_t stride_b = labels.stride(0);
+  mask_t* out = masks.mutable_data_ptr<mask_t>();
+  const int64_t slices = batch * D;
+  // Padded slices of every image (zero margins), and per-slice integer partials (added in slice order).
+  std::vector<bits_t> bits(slices * g.size, bits_t{0});
+  std::vector<int64_t> partial(slices * (C + 1), 0);  // counts, then invalid
+  std::vector<int64_t> area(slices * C, 0);
+  const int64_t grain = std::max<int64_t>(1, kSliceTaskPixels / std::max<int64_t>(slice_pixels, 1));
+  at::parallel_for(0, slices, grain, [&](int64_t first, int64_t last) {
+    for (int64_t s = first; s < last; ++s) {
+      const int64_t b = s / D, d = s % D;
+      load_slice(p, g, data + b * stride_b + d * strides[0], strides, bits.data() + s * g.size,
+                 partial.data() + s * (C + 1));
+    }
+  });
+  at::parallel_for(0, slices, grain, [&](int64_t first, int64_t last) {
+    // Scratch: X_a, its W dilation, the result, and the Z planes (margins zero, never written).
+    std::vector<bits_t> scratch((3 + plan.planes) * g.size, bits_t{0});
+    bits_t* x = scratch.data();
+    bits_t* wide = x + g.size;
+    bits_t* acc = wide + g.size;
+    bits_t* z = acc + g.size;
+    for (int64_t s = first; s < last; ++s) {
+      const int64_t b = s / D, d = s % D;
+      dilate_slice(p, plan, g, bits.data() + b * D * g.size, d, x, wide, z, acc, out + s * slice_pixels,
+                   area.data() + s * C);
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t s = b * D + d;
       for (int64_t c = 0; c < C; ++c) {
-        counts[c] = 0;
-        box[6 * c + 0] = box[6 * c + 1] = box[6 * c + 2] = std::numeric_limits<int64_t>::max();
-        box[6 * c + 3] = box[6 * c + 4] = box[6 * c + 5] = -1;
+        counts_out[b * C + c] += partial[s * (C + 1) + c];
+        areas_out[b * C + c] += area[s * C + c];
       }
-      *invalid = 0;
-      const int64_t row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
-      for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
-        const int64_t d = row / H, h = row % H;
-        const label_t* src = image + d * strides[0] + h * strides[1];
-        int32_t* dst = ws.lab.data() + row * W;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t label = static_cast<int64_t>(src[w * strides[2]]);
-          // One unsigned comparison rejects both label < 0 and label >= C.
-          const bool in_range = static_cast<uint64_t>(label) < static_cast<uint64_t>(C);
-          const bool ignored = label == p.ignore_index;
-          if (in_range && !ignored) {
-            dst[w] = static_cast<int32_t>(label);
-            ++counts[label];
-            int64_t* b = box + 6 * label;
-            b[0] = std::min(b[0], d);
-            b[1] = std::min(b[1], h);
-            b[2] = std::min(b[2], w);
-            b[3] = std::max(b[3], d);
-            b[4] = std::max(b[4], h);
-            b[5] = std::max(b[5], w);
-          } else {
-            dst[w] = -1;
-            *invalid += ignored ? 0 : 1;
-          }
-        }
-      }
-    }
-  });
-  st.counts.assign(C, 0);
-  st.invalid = 0;
-  st.boxes.assign(C, Box{{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::max(),
-                          std::numeric_limits<int64_t>::max()},
-                         {-1, -1, -1}});
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int64_t* counts = partial.data() + chunk * row_size;
-    const int64_t* box = counts + C + 1;
-    st.invalid += counts[C];
-    for (int64_t c = 0; c < C; ++c) {
-      st.counts[c] += counts[c];
-      for (int k = 0; k < 3; ++k) {
-        st.boxes[c].lo[k] = std::min(st.boxes[c].lo[k], box[6 * c + k]);
-        st.boxes[c].hi[k] = std::max(st.boxes[c].hi[k], box[6 * c + 3 + k]);
-      }
-    }
-  }
-}
-
-// Rows per task for rows of W pixels.
-int64_t row_grain(int64_t W) {
-  return std::max<int64_t>(1, kRowTaskPixels / std::max<int64_t>(W, 1));
-}
-
-// cube: bits = OR over the box of (1 << label) at valid pixels, and-ed with the valid pixels.
-void dilate_cube(const MaskParams& p, Workspace& ws, bool parallel) {
-  const int64_t D = p.dims[0], H = p.dims[1], W = p.dims[2];
-  const int64_t HW = H * W;
-  const int64_t rd = p.reach[0], rh = p.reach[1], rw = p.reach[2];
-  const int32_t* lab = ws.lab.data();
-  uint64_t* a = ws.bits.data();
-  uint64_t* b = ws.or_tmp.data();
-  const int64_t grain = row_grain(W);
-  // Along W: lab -> b.
-  for_range(parallel, 0, D * H, grain, [&](int64_t first, int64_t last) {
-    std::vector<uint64_t> one(W);
-    for (int64_t row = first; row < last; ++row) {
-      const int32_t* in = lab + row * W;
-      MEDLOSS_SIMD
-      for (int64_t w = 0; w < W; ++w) {
-        one[w] = in[w] >= 0 ? uint64_t{1} << (static_cast<uint32_t>(in[w]) & 63u) : uint64_t{0};
-      }
-      uint64_t* out = b + row * W;
-      std::copy(one.begin(), one.end(), out);
-      for (int64_t k = 1; k <= rw; ++k) {
-        MEDLOSS_SIMD
-        for (int64_t w = 0; w < W - k; ++w) {
-          out[w] |= one[w + k];
-        }
-        MEDLOSS_SIMD
-        for (int64_t w = k; w < W; ++w) {
-          out[w] |= one[w - k];
-        }
-      }
-    }
-  });
-  // Along H: b -> a.
-  for_range(parallel, 0, D * H, grain, [&](int64_t first, int64_t last) {
-    for (int64_t row = first; row < last; ++row) {
-      const int64_t d = row / H, h = row % H;
-      uint64_t* out = a + row * W;
-      std::fill(out, out + W, uint64_t{0});
-      for (int64_t k = std::max<int64_t>(-rh, -h); k <= std::min<int64_t>(rh, H - 1 - h); ++k) {
-        const uint64_t* in = b + d * HW + (h + k) * W;
-        MEDLOSS_SIMD
-        for (int64_t w = 0; w < W; ++w) {
-          out[w] |= in[w];
-        }
-      }
-    }
-  });
-  // Along D: a -> b, then and-ed with the valid pixels into a (= ws.bits).
-  for_range(parallel, 0, D * H, grain, [&](int64_t first, int64_t last) {
-    for (int64_t row = first; row < last; ++row) {
-      const int64_t d = row / H, h = row % H;
-      uint64_t* out = b + row * W;
-      std::fill(out, out + W, uint64_t{0});
-      for (int64_t k = std::max<int64_t>(-rd, -d); k <= std::min<int64_t>(rd, D - 1 - d); ++k) {
-        const uint64_t* in = a + (d + k) * HW + h * W;
-        MEDLOSS_SIMD
-        for (int64_t w = 0; w < W; ++w) {
-          out[w] |= in[w];
-        }
-      }
-    }
-  });
-  for_range(parallel, 0, D * H, grain, [&](int64_t first, int64_t last) {
-    for (int64_t row = first; row < last; ++row) {
-      const int32_t* valid = lab + row * W;
-      const uint64_t* in = b + row * W;
-      uint64_t* out = a + row * W;
-      MEDLOSS_SIMD
-      for (int64_t w = 0; w < W; ++w) {
-        out[w] = valid[w] >= 0 ? in[w] : uint64_t{0};
-      }
-    }
-  });
-}
-
-// ball: for each present class, the truncated squared-distance transform over its grown box; sets bit c in ws.bits.
-void dilate_ball(const MaskParams& p, const ImageStats& st, Workspace& ws, bool parallel) {
-  const int64_t H = p.dims[1], W = p.dims[2];
-  const int64_t HW = H * W;
-  const double inf = std::numeric_limits<double>::infinity();
-  const int32_t* lab = ws.lab.data();
-  double* m = ws.dist0.data();
-  double* a = ws.dist1.data();
-  std::fill(ws.bits.begin(), ws.bits.end(), uint64_t{0});
-  const int64_t grain = row_grain(W);
-  for (int64_t c = 0; c < p.classes; ++c) {
-    if (st.counts[c] == 0) {
-      continue;  // D_c is empty
-    }
-    const Box& box = st.boxes[c];
-    int64_t lo[3], hi[3];  // the box grown by the reach, inside the image
-    for (int k = 0; k < 3; ++k) {
-      lo[k] = std::max<int64_t>(0, box.lo[k] - p.reach[k]);
-      hi[k] = std::min<int64_t>(p.dims[k] - 1, box.hi[k] + p.reach[k]);
-    }
-    const int64_t w0 = box.lo[2], wn = box.hi[2] - box.lo[2] + 1;  // member columns
-    const int32_t cls = static_cast<int32_t>(c);
-    // 0. m = 0 at the members, inf elsewhere, over the member box.
-    const int64_t member_rows_h = box.hi[1] - box.lo[1] + 1;
-    for_range(parallel, 0, (box.hi[0] - box.lo[0] + 1) * member_rows_h, grain, [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; ++r) {
-        const int64_t offset = (box.lo[0] + r / member_rows_h) * HW + (box.lo[1] + r % member_rows_h) * W + w0;
-        const int32_t* in = lab + offset;
-        double* out = m + offset;
-        MEDLOSS_SIMD
-        for (int64_t w = 0; w < wn; ++w) {
-          out[w] = in[w] == cls ? 0.0 : inf;
-        }
-      }
-    });
-    // 1. Along D: a = min_k m(d + k) + (k s_D)^2, rows d in the grown range, h in the member range.
-    const std::vector<double>& sd = p.square[0];
-    const int64_t rd = p.reach[0];
-    for_range(parallel, 0, (hi[0] - lo[0] + 1) * member_rows_h, grain, [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; ++r) {
-        const int64_t d = lo[0] + r / member_rows_h, h = box.lo[1] + r % member_rows_h;
-        double* out = a + d * HW + h * W + w0;
-        std::fill(out, out + wn, inf);
-        const int64_t k_first = std::max(-rd, box.lo[0] - d), k_last = std::min(rd, box.hi[0] - d);
-        for (int64_t k = k_first; k <= k_last; ++k) {
-          const double* in = m + (d + k) * HW + h * W + w0;
-          const double add = sd[k < 0 ? -k : k];
-          MEDLOSS_SIMD
-          for (int64_t w = 0; w < wn; ++w) {
-            const double v = in[w] + add;
-            out[w] = v < out[w] ? v : out[w];
-          }
-        }
-      }
-    });
-    // 2. Along H: m = min_k a(h + k) + (k s_H)^2, rows d, h in the grown ranges (m is free again).
-    const std::vector<double>& sh = p.square[1];
-    const int64_t rh = p.reach[1];
-    const int64_t grown_rows_h = hi[1] - lo[1] + 1;
-    for_range(parallel, 0, (hi[0] - lo[0] + 1) * grown_rows_h, grain, [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; ++r) {
-        const int64_t d = lo[0] + r / grown_rows_h, h = lo[1] + r % grown_rows_h;
-        double* out = m + d * HW + h * W + w0;
-        std::fill(out, out + wn, inf);
-        const int64_t k_first = std::max(-rh, box.lo[1] - h), k_last = std::min(rh, box.hi[1] - h);
-        for (int64_t k = k_first; k <= k_last; ++k) {
-          const double* in = a + d * HW + (h + k) * W + w0;
-          const double add = sh[k < 0 ? -k : k];
-          MEDLOSS_SIMD
-          for (int64_t w = 0; w < wn; ++w) {
-            const double v = in[w] + add;
-            out[w] = v < out[w] ? v : out[w];
-          }
-        }
-      }
-    });
-    // 3. Along W: dist = min_k m(w + k) + (k s_W)^2 over the grown columns; bit c where valid and dist <= limit.
-    const std::vector<double>& sw = p.square[2];
-    const int64_t rw = p.reach[2];
-    const int64_t cols = hi[2] - lo[2] + 1;
-    const double limit = p.limit;
-    const uint64_t bit = uint64_t{1} << c;
-    for_range(parallel, 0, (hi[0] - lo[0] + 1) * grown_rows_h, grain, [&](int64_t first, int64_t last) {
-      std::vector<double> dist(cols);
-      for (int64_t r = first; r < last; ++r) {
-        const int64_t d = lo[0] + r / grown_rows_h, h = lo[1] + r % grown_rows_h;
-        const int64_t row = d * HW + h * W;
-        std::fill(dist.begin(), dist.end(), inf);
-        double* out = dist.data();
-        for (int64_t k = -rw; k <= rw; ++k) {
-          // Output columns w in [lo, hi] whose source w + k lies among the member columns.
-          const int64_t first_w = std::max(lo[2], box.lo[2] - k), last_w = std::min(hi[2], box.hi[2] - k);
-          if (first_w > last_w) {
-            continue;
-          }
-          const double* in = m + row + k;
-          const double add = sw[k < 0 ? -k : k];
-          MEDLOSS_SIMD
-          for (int64_t w = first_w; w <= last_w; ++w) {
-            const double v = in[w] + add;
-            out[w - lo[2]] = v < out[w - lo[2]] ? v : out[w - lo[2]];
-          }
-        }
-        const int32_t* valid = lab + row + lo[2];
-        uint64_t* bits = ws.bits.data() + row + lo[2];
-        MEDLOSS_SIMD
-        for (int64_t w = 0; w < cols; ++w) {
-          bits[w] |= (valid[w] >= 0 && out[w] <= limit) ? bit : uint64_t{0};
-        }
-      }
-    });
-  }
-}
-
-// Writes ws.bits to the image's masks (mask dtype) and counts |D_c| into areas.
-template <typename mask_t>
-void store_masks(const MaskParams& p, const Workspace& ws, mask_t* out, int64_t* areas, bool parallel) {
-  const int64_t W = p.dims[2];
-  const int64_t rows = p.dims[0] * p.dims[1];
-  const int64_t C = p.classes;
-  const int64_t rows_per_chunk = row_grain(W);
-  const int64_t chunks = ceil_div(rows, rows_per_chunk);
-  std::vector<int64_t> partial(chunks * C, 0);
-  for_range(parallel, 0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      int64_t* count = partial.data() + chunk * C;
-      const int64_t begin = chunk * rows_per_chunk * W, end = std::min(rows, (chunk + 1) * rows_per_chunk) * W;
-      const uint64_t* in = ws.bits.data();
-      MEDLOSS_SIMD
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = static_cast<mask_t>(in[i]);
-      }
-      for (int64_t i = begin; i < end; ++i) {
-        for (uint64_t bits = in[i]; bits != 0; bits &= bits - 1) {
-          ++count[__builtin_ctzll(bits)];
-        }
-      }
-    }
-  });
-  std::fill(areas, areas + C, int64_t{0});
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    for (int64_t c = 0; c < C; ++c) {
-      areas[c] += partial[chunk * C + c];
+      invalid_out[b] += partial[s * (C + 1) + C];
     }
   }
 }
@@ -495,48 +405,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cpu(const 
     return {masks, counts, areas, invalid};
   }
   const MaskParams p = make_params(labels, C, ignore_index, element, radius, spacing.vec());
-  const int64_t strides[3] = {labels.stride(1), labels.stride(2), labels.stride(3)};
   int64_t* counts_out = counts.mutable_data_ptr<int64_t>();
   int64_t* areas_out = areas.mutable_data_ptr<int64_t>();
   int64_t* invalid_out = invalid.mutable_data_ptr<int64_t>();
-
   AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "dbce_masks_cpu", [&] {
     using label_t = scalar_t;
-    const label_t* data = labels.const_data_ptr<label_t>();
-    const int64_t stride_b = labels.stride(0);
     AT_DISPATCH_INTEGRAL_TYPES(masks.scalar_type(), "dbce_masks_cpu", [&] {
-      using mask_t = scalar_t;
-      mask_t* out = masks.mutable_data_ptr<mask_t>();
-      // One image: parallel spreads its rows over the threads, else it runs on this thread.
-      const auto image = [&](int64_t b, Workspace& ws, ImageStats& st, bool parallel) {
-        load_labels(p, data + b * stride_b, strides, ws, st, parallel);
-        if (p.element == kElementCube) {
-          dilate_cube(p, ws, parallel);
-        } else {
-          dilate_ball(p, st, ws, parallel);
-        }
-        store_masks(p, ws, out + b * pixels, areas_out + b * C, parallel);
-        std::copy(st.counts.begin(), st.counts.end(), counts_out + b * C);
-        invalid_out[b] = st.invalid;
-      };
-      const bool per_image = batch > 1 && (pixels < kSmallImage || batch >= at::get_num_threads());
-      if (per_image) {
-        at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
-          Workspace ws;
-          ws.reserve(p, pixels);
-          ImageStats st;
-          for (int64_t b = first; b < last; ++b) {
-            image(b, ws, st, false);
-          }
-        });
-      } else {
-        Workspace ws;
-        ws.reserve(p, pixels);
-        ImageStats st;
-        for (int64_t b = 0; b < batch; ++b) {
-          image(b, ws, st, true);
-        }
-      }
+      masks_impl<label_t, scalar_t>(p, labels, masks, counts_out, areas_out, invalid_out);
     });
   });
   return {masks, counts, areas, invalid};
