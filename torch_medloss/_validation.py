@@ -136,14 +136,17 @@ def check_label_map(
         return
     if torch.compiler.is_compiling():
         return  # reading values would break the graph: compiled code gets the NaN path of unchecked CUDA tensors
-    valid = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
-        valid |= labels == ignore_index
     if labels.is_floating_point():
         whole = labels == torch.round(labels)
         if not bool(whole.all()):
             bad = labels[~whole][:5].tolist()
             raise ValueError(f"{name} holds float labels that are not whole numbers, e.g. {bad}.")
+    lowest, highest = torch.aminmax(labels)
+    if lowest >= 0 and highest < num_classes:  # the common case, in one cheap pass
+        return
+    valid = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+        valid |= labels == ignore_index
     if not bool(valid.all()):
         bad = torch.unique(labels[~valid])[:8].tolist()
         allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
