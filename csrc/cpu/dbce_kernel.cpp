@@ -17,14 +17,20 @@
 // dice_sums_kernel.cpp. Inside a task the logits go through class-major tiles of kTilePixels pixels (C <= 64, so a
 // tile is at most 4096 elements), gathered along the smaller stride (pixels for NCHW, classes for channels_last).
 // The forward writes one partial row (sum w CE, sum w) per task from per-lane sums; the rows of an image are added
-// in chunk order, so the sums are bitwise the same for any thread count. exp and log are std::exp / std::log
-// (scalar glibc calls: the project has no shared vector exp; dice_sums_kernel.cpp uses std::exp too).
+// in chunk order, so the sums are bitwise the same for any thread count. exp and log of float32 (and of
+// bfloat16/float16, which accumulate in float32) are exp_f32 / log_f32 of vec_math.h (branch-free, within 1 ulp;
+// the softmax's exp(x - max) flushes results below 2^-125 to 0), float64 keeps std::exp / std::log. The per-task
+// code is always-inline and compiled into a baseline, an AVX2 and an AVX-512 entry point, picked at run time by
+// cpu_isa() (as in dice_sums_kernel.cpp); the AVX2/AVX-512 versions may fuse multiply-adds, so their results can
+// differ from the baseline's in the last bits, but each is the same run to run and for any number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "vec_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -435,7 +441,7 @@ struct CeScratch {
 // Copies pixels [first, first + n) of one image of a (B, C, S) tensor into the class-major tile (as acc_t), walking
 // memory along the smaller stride.
 template <typename scalar_t, typename acc_t>
-void gather(const scalar_t* image, int64_t stride_c, int64_t stride_s, int64_t classes, int64_t first, int64_t n,
+MEDLOSS_INLINE void gather(const scalar_t* image, int64_t stride_c, int64_t stride_s, int64_t classes, int64_t first, int64_t n,
             acc_t* dst) {
   const scalar_t* start = image + first * stride_s;
   if (stride_c < stride_s) {
@@ -465,7 +471,7 @@ void gather(const scalar_t* image, int64_t stride_c, int64_t stride_s, int64_t c
 
 // The inverse of gather: writes the tile to pixels [first, first + n), as scalar_t.
 template <typename scalar_t, typename acc_t>
-void scatter(const acc_t* src, int64_t stride_c, int64_t stride_s, int64_t classes, int64_t first, int64_t n,
+MEDLOSS_INLINE void scatter(const acc_t* src, int64_t stride_c, int64_t stride_s, int64_t classes, int64_t first, int64_t n,
              scalar_t* image) {
   scalar_t* start = image + first * stride_s;
   if (stride_c < stride_s) {
@@ -547,7 +553,7 @@ struct CeInputs {
 // Loads the tile's labels, masks and logits, and computes w, the softmax max and sum (p = exp(x - max) kept in x
 // when keep_exp) and the logit at the label.
 template <typename scalar_t, typename acc_t>
-void load_tile(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t first, int64_t n, CeScratch<acc_t>& s,
+MEDLOSS_INLINE void load_tile(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t first, int64_t n, CeScratch<acc_t>& s,
                bool keep_exp) {
   const int64_t C = in.classes;
   in.load.labels(static_cast<const char*>(in.labels) + b * in.labels_b * in.label_size, in.labels_s, first, n, C,
@@ -594,11 +600,17 @@ void load_tile(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t first, in
   std::fill(sum, sum + n, acc_t(0));
   for (int64_t c = 0; c < C; ++c) {
     acc_t* xc = s.x.data() + c * kTilePixels;
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t e = std::exp(xc[j] - max[j]);
-      sum[j] += e;
-      if (keep_exp) {
+    if (keep_exp) {
+      MEDLOSS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t e = exp_acc</*kNonPositive=*/true>(xc[j] - max[j]);
+        sum[j] += e;
         xc[j] = e;
+      }
+    } else {
+      MEDLOSS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        sum[j] += exp_acc</*kNonPositive=*/true>(xc[j] - max[j]);
       }
     }
   }
@@ -628,6 +640,172 @@ CeInputs<scalar_t, acc_t> make_inputs(const at::Tensor& logits, const at::Tensor
   return in;
 }
 
+// One forward task: pixels [begin, end) of image b; returns (sum w CE, sum w) through out[0..1] from per-lane sums.
+template <typename scalar_t, typename acc_t>
+MEDLOSS_INLINE void forward_task_body(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin, int64_t end,
+                                      CeScratch<acc_t>& s, acc_t* map_out, acc_t* out) {
+  const int64_t pixels = in.pixels;
+  acc_t* lane_ce = s.lanes.data();
+  acc_t* lane_w = s.lanes.data() + kTilePixels;
+  std::fill(s.lanes.begin(), s.lanes.end(), acc_t(0));
+  for (int64_t first = begin; first < end; first += kTilePixels) {
+    const int64_t n = std::min(kTilePixels, end - first);
+    load_tile(in, b, first, n, s, false);
+    const acc_t* w = s.w.data();
+    const acc_t* max = s.max.data();
+    const acc_t* picked = s.picked.data();
+    const int32_t* label = s.label.data();
+    acc_t* sum = s.sum.data();
+    acc_t* wce = s.wce.data();
+    MEDLOSS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      sum[j] = log_acc(sum[j]);
+    }
+    MEDLOSS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t ce = (max[j] + sum[j]) - picked[j];  // logsumexp - x[label]
+      wce[j] = label[j] >= 0 ? w[j] * ce : acc_t(0);
+      lane_ce[j] += wce[j];
+      lane_w[j] += w[j];
+    }
+    if (map_out != nullptr) {
+      std::copy(wce, wce + n, map_out + b * pixels + first);
+    }
+  }
+  acc_t total_ce = 0, total_w = 0;
+  for (int64_t j = 0; j < kTilePixels; ++j) {
+    total_ce += lane_ce[j];
+    total_w += lane_w[j];
+  }
+  out[0] = total_ce;
+  out[1] = total_w;
+}
+
+// One backward task: the gradient of pixels [begin, end) of image b.
+template <typename scalar_t, typename acc_t>
+MEDLOSS_INLINE void backward_task_body(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin, int64_t end,
+                                       CeScratch<acc_t>& s, acc_t up, const acc_t* grad_map, scalar_t* dx,
+                                       int64_t g_c, int64_t g_s) {
+  const int64_t C = in.classes;
+  const int64_t pixels = in.pixels;
+  for (int64_t first = begin; first < end; first += kTilePixels) {
+    const int64_t n = std::min(kTilePixels, end - first);
+    load_tile(in, b, first, n, s, true);
+    const acc_t* w = s.w.data();
+    const int32_t* label = s.label.data();
+    acc_t* g = s.wce.data();  // the per-pixel factor w (grad_sums[b, 0] + grad_map[b, i]) / sum
+    const acc_t* sum = s.sum.data();
+    acc_t* scale = s.picked.data();  // w (grad_sums[b, 0] + grad_map[b, i])
+    if (grad_map != nullptr) {
+      const acc_t* gm = grad_map + b * pixels + first;
+      MEDLOSS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        scale[j] = w[j] * (up + gm[j]);
+      }
+    } else {
+      MEDLOSS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        scale[j] = w[j] * up;
+      }
+    }
+    MEDLOSS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      g[j] = scale[j] / sum[j];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t* xc = s.x.data() + c * kTilePixels;  // exp(x - max), becomes the gradient
+      const int32_t cls = static_cast<int32_t>(c);
+      MEDLOSS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t v = g[j] * xc[j] - (label[j] == cls ? scale[j] : acc_t(0));
+        xc[j] = w[j] != acc_t(0) ? v : acc_t(0);
+      }
+    }
+    scatter(s.x.data(), g_c, g_s, C, first, n, dx);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+using ForwardTask = void (*)(const CeInputs<scalar_t, acc_t>&, int64_t, int64_t, int64_t, CeScratch<acc_t>&, acc_t*,
+                             acc_t*);
+template <typename scalar_t, typename acc_t>
+using BackwardTask = void (*)(const CeInputs<scalar_t, acc_t>&, int64_t, int64_t, int64_t, CeScratch<acc_t>&, acc_t,
+                              const acc_t*, scalar_t*, int64_t, int64_t);
+
+// The entry points: the same body compiled for the baseline and, on x86-64 with GCC or Clang, for AVX2 and AVX-512.
+template <typename scalar_t, typename acc_t>
+void forward_task(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin, int64_t end, CeScratch<acc_t>& s,
+                  acc_t* map_out, acc_t* out) {
+  forward_task_body(in, b, begin, end, s, map_out, out);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_task(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin, int64_t end, CeScratch<acc_t>& s,
+                   acc_t up, const acc_t* grad_map, scalar_t* dx, int64_t g_c, int64_t g_s) {
+  backward_task_body(in, b, begin, end, s, up, grad_map, dx, g_c, g_s);
+}
+
+#if MEDLOSS_X86_DISPATCH
+template <typename scalar_t, typename acc_t>
+MEDLOSS_TARGET_AVX2 void forward_task_avx2(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin,
+                                           int64_t end, CeScratch<acc_t>& s, acc_t* map_out, acc_t* out) {
+  forward_task_body(in, b, begin, end, s, map_out, out);
+}
+
+template <typename scalar_t, typename acc_t>
+MEDLOSS_TARGET_AVX512 void forward_task_avx512(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin,
+                                               int64_t end, CeScratch<acc_t>& s, acc_t* map_out, acc_t* out) {
+  forward_task_body(in, b, begin, end, s, map_out, out);
+}
+
+template <typename scalar_t, typename acc_t>
+MEDLOSS_TARGET_AVX2 void backward_task_avx2(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin,
+                                            int64_t end, CeScratch<acc_t>& s, acc_t up, const acc_t* grad_map,
+                                            scalar_t* dx, int64_t g_c, int64_t g_s) {
+  backward_task_body(in, b, begin, end, s, up, grad_map, dx, g_c, g_s);
+}
+
+template <typename scalar_t, typename acc_t>
+MEDLOSS_TARGET_AVX512 void backward_task_avx512(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin,
+                                                int64_t end, CeScratch<acc_t>& s, acc_t up, const acc_t* grad_map,
+                                                scalar_t* dx, int64_t g_c, int64_t g_s) {
+  backward_task_body(in, b, begin, end, s, up, grad_map, dx, g_c, g_s);
+}
+#endif
+
+// float64 always takes the baseline entry point (its math is libm's anyway).
+template <typename scalar_t, typename acc_t>
+ForwardTask<scalar_t, acc_t> pick_forward(Isa isa) {
+#if MEDLOSS_X86_DISPATCH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (isa == Isa::kAvx512) {
+      return &forward_task_avx512<scalar_t, acc_t>;
+    }
+    if (isa == Isa::kAvx2) {
+      return &forward_task_avx2<scalar_t, acc_t>;
+    }
+  }
+#endif
+  (void)isa;
+  return &forward_task<scalar_t, acc_t>;
+}
+
+template <typename scalar_t, typename acc_t>
+BackwardTask<scalar_t, acc_t> pick_backward(Isa isa) {
+#if MEDLOSS_X86_DISPATCH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (isa == Isa::kAvx512) {
+      return &backward_task_avx512<scalar_t, acc_t>;
+    }
+    if (isa == Isa::kAvx2) {
+      return &backward_task_avx2<scalar_t, acc_t>;
+    }
+  }
+#endif
+  (void)isa;
+  return &backward_task<scalar_t, acc_t>;
+}
+
 template <typename scalar_t, typename acc_t>
 void ce_forward_impl(const CeInputs<scalar_t, acc_t>& in, int64_t batch, at::Tensor& sums, at::Tensor& map,
                      bool write_map) {
@@ -635,45 +813,14 @@ void ce_forward_impl(const CeInputs<scalar_t, acc_t>& in, int64_t batch, at::Ten
   const int64_t chunks = ceil_div(pixels, kChunkPixels);
   std::vector<acc_t> partial(batch * chunks * 2);
   acc_t* map_out = write_map ? map.mutable_data_ptr<acc_t>() : nullptr;
+  const ForwardTask<scalar_t, acc_t> run_task = pick_forward<scalar_t, acc_t>(cpu_isa());
   at::parallel_for(0, batch * chunks, /*grain_size=*/1, [&](int64_t first_task, int64_t last_task) {
     CeScratch<acc_t> s(in.classes);
     for (int64_t task = first_task; task < last_task; ++task) {
       const int64_t b = task / chunks;
       const int64_t begin = (task % chunks) * kChunkPixels;
       const int64_t end = std::min(pixels, begin + kChunkPixels);
-      acc_t* lane_ce = s.lanes.data();
-      acc_t* lane_w = s.lanes.data() + kTilePixels;
-      std::fill(s.lanes.begin(), s.lanes.end(), acc_t(0));
-      for (int64_t first = begin; first < end; first += kTilePixels) {
-        const int64_t n = std::min(kTilePixels, end - first);
-        load_tile(in, b, first, n, s, false);
-        const acc_t* w = s.w.data();
-        const acc_t* max = s.max.data();
-        const acc_t* picked = s.picked.data();
-        const int32_t* label = s.label.data();
-        acc_t* sum = s.sum.data();
-        acc_t* wce = s.wce.data();
-        for (int64_t j = 0; j < n; ++j) {
-          sum[j] = std::log(sum[j]);
-        }
-        MEDLOSS_SIMD
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t ce = (max[j] + sum[j]) - picked[j];  // logsumexp - x[label]
-          wce[j] = label[j] >= 0 ? w[j] * ce : acc_t(0);
-          lane_ce[j] += wce[j];
-          lane_w[j] += w[j];
-        }
-        if (map_out != nullptr) {
-          std::copy(wce, wce + n, map_out + b * pixels + first);
-        }
-      }
-      acc_t total_ce = 0, total_w = 0;
-      for (int64_t j = 0; j < kTilePixels; ++j) {
-        total_ce += lane_ce[j];
-        total_w += lane_w[j];
-      }
-      partial[task * 2 + 0] = total_ce;
-      partial[task * 2 + 1] = total_w;
+      run_task(in, b, begin, end, s, map_out, partial.data() + task * 2);
     }
   });
   // Chunk rows summed in chunk order.
@@ -697,48 +844,14 @@ void ce_backward_impl(const CeInputs<scalar_t, acc_t>& in, int64_t batch, const 
   const int64_t chunks = ceil_div(pixels, kChunkPixels);
   scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
   const int64_t g_b = grad.stride(0), g_c = grad.stride(1), g_s = grad.stride(2);
+  const BackwardTask<scalar_t, acc_t> run_task = pick_backward<scalar_t, acc_t>(cpu_isa());
   at::parallel_for(0, batch * chunks, /*grain_size=*/1, [&](int64_t first_task, int64_t last_task) {
     CeScratch<acc_t> s(C);
     for (int64_t task = first_task; task < last_task; ++task) {
       const int64_t b = task / chunks;
       const int64_t begin = (task % chunks) * kChunkPixels;
       const int64_t end = std::min(pixels, begin + kChunkPixels);
-      const acc_t up = grad_sums[b * 2];
-      for (int64_t first = begin; first < end; first += kTilePixels) {
-        const int64_t n = std::min(kTilePixels, end - first);
-        load_tile(in, b, first, n, s, true);
-        const acc_t* w = s.w.data();
-        const int32_t* label = s.label.data();
-        acc_t* g = s.wce.data();  // the per-pixel factor w (grad_sums[b, 0] + grad_map[b, i]) / sum
-        const acc_t* sum = s.sum.data();
-        acc_t* scale = s.picked.data();  // w (grad_sums[b, 0] + grad_map[b, i])
-        if (grad_map != nullptr) {
-          const acc_t* gm = grad_map + b * pixels + first;
-          MEDLOSS_SIMD
-          for (int64_t j = 0; j < n; ++j) {
-            scale[j] = w[j] * (up + gm[j]);
-          }
-        } else {
-          MEDLOSS_SIMD
-          for (int64_t j = 0; j < n; ++j) {
-            scale[j] = w[j] * up;
-          }
-        }
-        MEDLOSS_SIMD
-        for (int64_t j = 0; j < n; ++j) {
-          g[j] = scale[j] / sum[j];
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t* xc = s.x.data() + c * kTilePixels;  // exp(x - max), becomes the gradient
-          const int32_t cls = static_cast<int32_t>(c);
-          MEDLOSS_SIMD
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t v = g[j] * xc[j] - (label[j] == cls ? scale[j] : acc_t(0));
-            xc[j] = w[j] != acc_t(0) ? v : acc_t(0);
-          }
-        }
-        scatter(s.x.data(), g_c, g_s, C, first, n, dx + b * g_b);
-      }
+      run_task(in, b, begin, end, s, grad_sums[b * 2], grad_map, dx + b * g_b, g_c, g_s);
     }
   });
 }
