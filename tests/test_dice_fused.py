@@ -175,3 +175,12 @@ def test_auto_uses_the_fused_kernel_on_cpu(monkeypatch):
     monkeypatch.setattr("torch_medloss.dice_family.dice_sums", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
     torch_medloss.DiceLoss(to_onehot_y=True, softmax=True)(torch.randn(1, 2, 4, 4), torch.randint(0, 2, (1, 1, 4, 4)))
     assert calls == ["cpp"]
+
+
+def test_double_backward_is_refused_clearly():
+    logits = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (1, 1, 4, 4))
+    loss = F.dice_loss(logits, labels, to_onehot_y=True, softmax=True, backend="cpp")
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        grad.sum().backward()

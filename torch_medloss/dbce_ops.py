@@ -15,12 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torch_medloss import _extension
+from torch_medloss import _autograd, _extension
 from torch_medloss.reference import dbce_ops as _reference
 
 __all__ = ["dbce_ce", "dbce_masks"]
 
-_CE_OPTION_COUNT = 2  # ignore_index, write_map
 
 
 def dbce_masks(backend: str, labels: Tensor, num_classes: int, ignore_index: int, element: int, radius: float,
@@ -78,40 +77,8 @@ def dbce_ce_bwd_fake(grad_sums, grad_map, logits, labels, masks, class_weights, 
     return torch.empty_like(logits)
 
 
-# ------------------------------------------------------------------------------------------------------- autograd
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    logits, labels, masks, class_weights, *options = inputs
-    ctx.save_for_backward(logits, labels, masks, class_weights)
-    ctx.options = options
-
-
-def _make_backward(backward_op):
-    def backward(ctx, grad_sums: Tensor, grad_map: Tensor):
-        logits, labels, masks, class_weights = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = backward_op(grad_sums.contiguous(), grad_map.contiguous(), logits, labels, masks,
-                                      class_weights, *ctx.options)
-        # Labels, masks and class weights are data: no gradient; nor for the int/bool options.
-        return (grad_logits, None, None, None) + (None,) * _CE_OPTION_COUNT
-
-    return backward
-
-
-def _no_double_backward(ctx, grad):
-    raise RuntimeError("torch_medloss: the fused DBCE cross entropy does not support double backward "
-                       "(create_graph=True); use backend='reference' for higher-order gradients.")
-
-
-def _setup_nothing(ctx, inputs, output) -> None:
-    pass
-
-
 def _register(forward: str, backward: str, backward_op) -> None:
-    torch.library.register_autograd(forward, _make_backward(backward_op), setup_context=_setup_context)
-    torch.library.register_autograd(backward, _no_double_backward, setup_context=_setup_nothing)
+    _autograd.register(forward, backward, backward_op, "the fused DBCE cross entropy")
 
 
 def _register_compiled_ops() -> None:

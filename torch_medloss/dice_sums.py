@@ -17,14 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torch_medloss import _extension
+from torch_medloss import _autograd, _extension
 from torch_medloss.reference import dice_sums as _reference
 
 __all__ = ["NUM_SUMS", "dice_sums"]
 
 NUM_SUMS = 4  # I, P, G, D per (batch item, class)
 NUM_EXTRAS = 3  # ce_num, ce_den, invalid per batch item
-_OPTION_COUNT = 7  # activation, target_is_labels, ignore_index, mask_mode, squared, with_ce, label_smoothing
 
 
 def dice_sums(
@@ -85,40 +84,8 @@ def dice_sums_bwd_fake(grad_sums, grad_extras, logits, target, gamma, ce_weight,
     return torch.empty_like(logits)
 
 
-# ------------------------------------------------------------------------------------------------------- autograd
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    logits, target, gamma, ce_weight, *options = inputs
-    ctx.save_for_backward(logits, target, gamma, ce_weight)
-    ctx.options = options
-
-
-def _make_backward(backward_op):
-    def backward(ctx, grad_sums: Tensor, grad_extras: Tensor):
-        logits, target, gamma, ce_weight = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = backward_op(grad_sums.contiguous(), grad_extras.contiguous(), logits, target, gamma,
-                                      ce_weight, *ctx.options)
-        # No gradient for the target, gamma, class weights (they are data, not parameters) or the int/bool options.
-        return (grad_logits, None, None, None) + (None,) * _OPTION_COUNT
-
-    return backward
-
-
-def _no_double_backward(ctx, grad):
-    raise RuntimeError("torch_medloss: the fused Dice sums do not support double backward (create_graph=True); "
-                       "use backend='reference' for higher-order gradients.")
-
-
-def _setup_nothing(ctx, inputs, output) -> None:
-    pass
-
-
 def _register(forward: str, backward: str, backward_op) -> None:
-    torch.library.register_autograd(forward, _make_backward(backward_op), setup_context=_setup_context)
-    torch.library.register_autograd(backward, _no_double_backward, setup_context=_setup_nothing)
+    _autograd.register(forward, backward, backward_op, "the fused Dice sums")
 
 
 def _register_compiled_ops() -> None:
