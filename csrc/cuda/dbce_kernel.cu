@@ -44,6 +44,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "integer_load.h"
+
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -75,43 +77,6 @@ constexpr double kBoundaryTolerance = 1e-9;
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
-}
-
-bool is_int_dtype(at::ScalarType dtype) {
-  return dtype == at::kByte || dtype == at::kChar || dtype == at::kShort || dtype == at::kInt || dtype == at::kLong;
-}
-
-// An integer tensor's dtype, read at run time: one uniform switch per load costs less than 5 times the kernels.
-enum IntType : int { kU8, kI8, kI16, kI32, kI64 };
-
-int int_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kByte:
-      return kU8;
-    case at::kChar:
-      return kI8;
-    case at::kShort:
-      return kI16;
-    case at::kInt:
-      return kI32;
-    default:
-      return kI64;
-  }
-}
-
-__device__ __forceinline__ int64_t load_int(const void* base, int type, int64_t offset) {
-  switch (type) {
-    case kU8:
-      return static_cast<const uint8_t*>(base)[offset];
-    case kI8:
-      return static_cast<const int8_t*>(base)[offset];
-    case kI16:
-      return static_cast<const int16_t*>(base)[offset];
-    case kI32:
-      return static_cast<const int32_t*>(base)[offset];
-    default:
-      return static_cast<const int64_t*>(base)[offset];
-  }
 }
 
 // Bits 0 .. C-1.

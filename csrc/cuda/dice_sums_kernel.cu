@@ -28,6 +28,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "integer_load.h"
+
 #include <climits>
 #include <cstdint>
 #include <tuple>
@@ -58,29 +60,18 @@ __device__ __forceinline__ int64_t ceil_div_device(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-bool is_label_dtype(at::ScalarType dtype) {
-  return dtype == at::kByte || dtype == at::kChar || dtype == at::kShort || dtype == at::kInt || dtype == at::kLong;
-}
-
 bool is_float_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
-// The target's dtype, read at run time: one uniform switch per load costs less than 9 times the kernels.
-enum TargetType : int { kU8, kI8, kI16, kI32, kI64, kF32, kF64, kF16, kBF16 };
+// The target's dtype, read at run time: integer codes from integer_load.h, then the float dtypes of dense targets.
+enum DenseType : int { kF32 = kI64 + 1, kF64, kF16, kBF16 };
 
-TargetType target_type(at::ScalarType dtype) {
+int target_type(at::ScalarType dtype) {
+  if (is_int_dtype(dtype)) {
+    return int_type(dtype);
+  }
   switch (dtype) {
-    case at::kByte:
-      return kU8;
-    case at::kChar:
-      return kI8;
-    case at::kShort:
-      return kI16;
-    case at::kInt:
-      return kI32;
-    case at::kLong:
-      return kI64;
     case at::kFloat:
       return kF32;
     case at::kDouble:
@@ -89,21 +80,6 @@ TargetType target_type(at::ScalarType dtype) {
       return kF16;
     default:
       return kBF16;
-  }
-}
-
-__device__ __forceinline__ int64_t load_label(const void* base, int type, int64_t offset) {
-  switch (type) {
-    case kU8:
-      return static_cast<const uint8_t*>(base)[offset];
-    case kI8:
-      return static_cast<const int8_t*>(base)[offset];
-    case kI16:
-      return static_cast<const int16_t*>(base)[offset];
-    case kI32:
-      return static_cast<const int32_t*>(base)[offset];
-    default:
-      return static_cast<const int64_t*>(base)[offset];
   }
 }
 
@@ -151,7 +127,7 @@ template <bool kLabels>
 __device__ __forceinline__ PixelTarget load_pixel_target(const Problem& pr, const void* target, int64_t pixel_offset) {
   PixelTarget t{1.0f, 1.0f, -1, false};
   if constexpr (kLabels) {
-    const int64_t raw = load_label(target, pr.target_type, pixel_offset);
+    const int64_t raw = load_int(target, pr.target_type, pixel_offset);
     // One unsigned comparison rejects both raw < 0 and raw >= C.
     const bool in_range = static_cast<uint64_t>(raw) < static_cast<uint64_t>(pr.classes);
     const bool ignored = pr.mask_mode == kMaskLabel && raw == pr.ignore_index;
@@ -504,7 +480,7 @@ void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& ta
   if (target_is_labels) {
     TORCH_CHECK(target.dim() == 2 && target.size(0) == batch && target.size(1) == pixels, op,
                 ": target (labels) must have shape (B, S) = [", batch, ", ", pixels, "], got ", target.sizes());
-    TORCH_CHECK(is_label_dtype(target.scalar_type()), op,
+    TORCH_CHECK(is_int_dtype(target.scalar_type()), op,
                 ": target (labels) must be uint8, int8, int16, int32 or int64, got ", target.scalar_type());
   } else {
     TORCH_CHECK(target.sizes() == logits.sizes(), op, ": target (dense) must have the logits' shape (B, C, S) = ",
