@@ -5,7 +5,7 @@ Importing the package never builds C++ or touches a GPU; compiled kernels are bu
 they cannot be built.
 """
 
-from torch_medloss import functional
+from torch_medloss import functional, nn
 from torch_medloss.losses import (
     BalancedCELoss,
     DBCELoss,
@@ -29,4 +29,5 @@ __all__ = [
     "PMDiceLoss",
     "TverskyLoss",
     "functional",
+    "nn",
 ]

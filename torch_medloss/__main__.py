@@ -5,11 +5,16 @@ Commands:
         Exits 1 when the CPU part could not be built; a CPU-only build on a machine without CUDA is a success.
     bench: time forward+backward of the losses per backend against the reference (eager and compiled), MONAI and
         nnU-Net, on the GPU when there is one, else the CPU; prints a markdown table (see torch_medloss.bench).
+    denoise: train or evaluate the denoisers (DnCNN, Lattice Fusion Network, twin frequency denoiser) on
+        scikit-image's photographs and print PSNR/SSIM tables (see torch_medloss.denoise).
+    segdemo: train a small U-Net on the MNI152 template's tissue classes plus synthetic lesions with each loss and
+        compare Dice, lesion F1 and HD95 (see torch_medloss.segdemo).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -54,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
                                 description=bench_cli.DESCRIPTION)
     bench_cli.add_arguments(bench)
     bench.set_defaults(run=_bench)
+
+    # The study commands: their modules import their data packages (scikit-image, nilearn) only when they run.
+    for name, summary in (("denoise", "train and evaluate the denoisers on scikit-image's photographs"),
+                          ("segdemo", "compare the losses on MNI152 brain tissue with synthetic lesions")):
+        module = importlib.import_module(f"torch_medloss.{name}.cli")
+        command = commands.add_parser(name, help=summary, description=module.DESCRIPTION)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
     return parser
 
 

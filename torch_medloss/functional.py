@@ -13,6 +13,8 @@ import torch
 
 from torch_medloss import _backend, _distributed, dbce_family, dice_family
 from torch_medloss import _validation as v
+from torch_medloss.concat_conv import concat_conv2d
+from torch_medloss.frequency_split import frequency_split
 from torch_medloss.label_histogram import label_histogram
 from torch_medloss.reference import dbce as dbce_reference
 from torch_medloss.reference import dice as dice_reference
@@ -21,11 +23,13 @@ from torch_medloss.reference.focal import focal_loss as _focal_reference
 
 __all__ = [
     "balanced_ce_loss",
+    "concat_conv2d",
     "dbce_loss",
     "dice_ce_loss",
     "dice_loss",
     "dilated_class_weights",
     "focal_loss",
+    "frequency_split",
     "generalized_dice_loss",
     "label_histogram",
     "pm_dice_loss",
