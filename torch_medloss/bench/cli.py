@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write every figure, the machine and the versions as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--ops", action="store_true",
+                        help="time the denoising ops instead of the losses: a Lattice Fusion Network node "
+                        "(concat_conv2d against torch.cat + conv2d), an LFN training step, frequency_split")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    if args.ops:
+        return _run_ops(args, device)
     plot_problem = report.plot_available() if args.plot else None
     if plot_problem:
         print(f"bench: {plot_problem}; running the rest", file=sys.stderr)
@@ -67,4 +72,19 @@ def run(args: argparse.Namespace) -> int:
             return 1
         report.write_plot(args.plot, results, env)
         print(f"bench: wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _run_ops(args: argparse.Namespace, device) -> int:
+    from torch_medloss.bench import ops, runner
+
+    ignored = [flag for flag, value in (("--shape", args.shape), ("--dtype", args.dtype), ("--losses", args.losses),
+                                        ("--providers", args.providers), ("--plot", args.plot)) if value]
+    if ignored:
+        print(f"bench --ops: {', '.join(ignored)} apply to the losses only; ignored", file=sys.stderr)
+    timing = runner.Timing.quick() if args.quick else runner.Timing()
+    _, text = ops.run(device, args.quick, timing, progress=not args.no_progress, json_path=args.json)
+    print(text, end="")
+    if args.json:
+        print(f"\nbench: wrote {args.json}", file=sys.stderr)
     return 0
