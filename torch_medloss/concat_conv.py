@@ -65,7 +65,12 @@ def concat_conv2d(
     _check_weight(inputs, weight, bias)
     padding = _check_padding(padding, weight.shape[-1])
     relu = _check_activation(activation)
-    chosen = _backend.resolve("concat_conv2d", _backend.check_backend_name(backend), inputs[0].device, BACKENDS)
+    backend = _backend.check_backend_name(backend)
+    # float64 is a fusion blocker where the Triton kernels could otherwise run: "auto" falls back with one warning.
+    blocker = None
+    if inputs[0].dtype == torch.float64 and _backend.why_unavailable("triton", inputs[0].device) is None:
+        blocker = "the Triton kernels take float32, bfloat16 or float16, not float64"
+    chosen = _backend.resolve("concat_conv2d", backend, inputs[0].device, BACKENDS, blocker=blocker)
     if chosen == "triton":
         return _triton_op()(list(inputs), weight, bias, padding, relu)
     return _reference.concat_conv2d(inputs, weight, bias, padding, relu)

@@ -1,0 +1,391 @@
+"""Tests of the Triton concat_conv2d kernels (kernels/concat_conv.py) against torch_medloss.reference.concat_conv.
+
+On CPU the kernels run under TRITON_INTERPRET=1 in a subprocess (the variable must be set before triton is imported,
+and setting it here would change how every later test module sees triton). Each subprocess runs many tiny cases
+(one interpreter start-up costs seconds) and collects every mismatch before failing, printing the differing values.
+Under the interpreter ``tl.dot`` is numpy's fp32 matmul (it ignores input_precision), so fp32 compares with the
+float64 truth at 1e-5; bf16 and fp16 must stay within a small multiple of PyTorch's own error at that dtype. A few
+cases shrink the block sizes so that every dimension has several tiles and the weight gradient several splits.
+torch.compile cannot trace the interpreted kernels (the interpreter runs them eagerly, also on fake tensors), so
+on CPU opcheck runs only its schema and autograd-registration checks; the CUDA tests at the end run the full
+opcheck, a torch.compile(fullgraph=True) smoke test and realistic shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_KERNELS = importlib.util.find_spec("torch_medloss.kernels") is not None
+TRITON = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON and HAS_KERNELS),
+                          reason="needs a CUDA device, triton and the installed torch_medloss.kernels")
+
+# Shared by the subprocess scripts: the kernel module (from the installed package, else straight from kernels/ in
+# this checkout, mounted as torch_medloss.kernels so that the public function's "triton" backend finds it), the case
+# builder and the comparisons that record failures instead of stopping at the first.
+PRELUDE = """
+import importlib.util, sys, warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import torch_medloss
+from torch_medloss.concat_conv import concat_conv2d
+from torch_medloss.reference.concat_conv import concat_conv2d as reference
+
+if importlib.util.find_spec("torch_medloss.kernels") is None:
+    spec = importlib.util.spec_from_file_location("torch_medloss.kernels", Path(REPO) / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(Path(REPO) / "kernels")])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    torch_medloss.kernels = package
+from torch_medloss.kernels import concat_conv as kernel
+
+FAILURES = []
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def compare(name, got, expected, rtol, atol):
+    try:
+        torch.testing.assert_close(got.double(), expected.double(), rtol=rtol, atol=atol)
+    except AssertionError as error:
+        worst = (got.double() - expected.double()).abs().flatten().argmax()
+        FAILURES.append(
+            f"{name}: {error}\\n  got      {got.flatten()[:8].tolist()} (worst {got.flatten()[worst].item()})"
+            f"\\n  expected {expected.flatten()[:8].tolist()} (worst {expected.flatten()[worst].item()})"
+        )
+
+
+def make(channels, out_channels, ks, batch, height, width, bias, layout, dtype, generator):
+    # Values on a coarse grid would hide rounding; plain normals. layout: "nchw", "nhwc" or "view" (a channel and
+    # column slice of a bigger tensor: no dense layout at all).
+    inputs = []
+    for c in channels:
+        x = torch.randn(batch, c, height, width, generator=generator)
+        if layout == "nhwc":
+            x = x.to(memory_format=torch.channels_last)
+        elif layout == "view":
+            x = torch.randn(batch, c + 2, height, 2 * width, generator=generator)[:, 1:c + 1, :, ::2]
+        inputs.append(x.to(dtype))
+    weight = (torch.randn(out_channels, sum(channels), ks, ks, generator=generator) / (sum(channels) * ks)).to(dtype)
+    b = torch.randn(out_channels, generator=generator).to(dtype) if bias else None
+    return inputs, weight, b
+
+
+def run(fn, inputs, weight, bias, grad_out):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs] + [weight.detach().clone().requires_grad_()]
+    if bias is not None:
+        leaves.append(bias.detach().clone().requires_grad_())
+    n = len(inputs)
+    out = fn(leaves[:n], leaves[n], leaves[n + 1] if bias is not None else None)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out, grads, leaves
+
+
+def check(name, channels, out_channels, ks, padding, batch, height, width, bias, relu, layout, dtype, generator):
+    inputs, weight, b = make(channels, out_channels, ks, batch, height, width, bias, layout, dtype, generator)
+    out_shape = (batch, out_channels, height + 2 * padding - ks + 1, width + 2 * padding - ks + 1)
+    grad_out = torch.randn(out_shape, generator=generator).to(dtype)
+
+    def triton_fn(xs, w, bb):
+        return kernel.concat_conv2d_triton(xs, w, bb, padding, relu)
+
+    def ref_fn(xs, w, bb):
+        return reference(xs, w, bb, padding, relu)
+
+    out, grads, leaves = run(triton_fn, inputs, weight, b, grad_out)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    truth, truth_grads, _ = run(ref_fn, [x.double() for x in inputs], weight.double(), as64(b), grad_out.double())
+    names = [f"grad x{i}" for i in range(len(inputs))] + ["grad weight"] + (["grad bias"] if bias else [])
+    if out.dtype != dtype or out.shape != out_shape:
+        FAILURES.append(f"{name}: out {out.dtype} {tuple(out.shape)}, expected {dtype} {out_shape}")
+        return
+    # A 1-channel first input is both layouts at once; the kernel then gives the contiguous one.
+    expected_layout = torch.channels_last if layout == "nhwc" and channels[0] > 1 else torch.contiguous_format
+    if not out.is_contiguous(memory_format=expected_layout):
+        FAILURES.append(f"{name}: out strides {out.stride()} are not {expected_layout}")
+    for g, x in zip(grads, leaves, strict=True):
+        if g.shape != x.shape or g.dtype != x.dtype:
+            FAILURES.append(f"{name}: a gradient is {g.dtype} {tuple(g.shape)}, its leaf {x.dtype} {tuple(x.shape)}")
+    if dtype == torch.float32:
+        compare(f"{name} out", out, truth, **FP32)
+        for label, g, e in zip(names, grads, truth_grads, strict=True):
+            compare(f"{name} {label}", g, e, **FP32)
+        return
+    # bf16 / fp16: PyTorch's own error at this dtype (the reference run in that dtype) bounds ours, times 2, plus a
+    # floor of one rounding step of the largest magnitude (a ReLU kink can flip a value's mask).
+    low, low_grads, _ = run(ref_fn, inputs, weight, b, grad_out)
+    eps = torch.finfo(dtype).eps
+    for label, g, e, t in zip(["out"] + names, [out, *grads], [low, *low_grads], [truth, *truth_grads], strict=True):
+        torch_error = (e.double() - t).abs().max().item()
+        our_error = (g.double() - t).abs().max().item()
+        floor = 2 * eps * t.abs().max().item() + 1e-6
+        if our_error > 2 * torch_error + floor:
+            FAILURES.append(f"{name} {label}: error {our_error:.3g} > 2 x torch's {torch_error:.3g} + {floor:.3g}")
+    return out, grads
+
+
+def finish():
+    if FAILURES:
+        print(f"{len(FAILURES)} failure(s):")
+        print("\\n".join(FAILURES))
+        sys.exit(1)
+"""
+
+
+def run_script(body: str) -> subprocess.CompletedProcess:
+    """Run PRELUDE + ``body`` in a fresh interpreter from the repository root, under TRITON_INTERPRET=1."""
+    code = f"REPO = {str(REPO)!r}\n" + PRELUDE + textwrap.dedent(body) + "\nfinish()\n"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**env, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
+    return result
+
+
+# ---------------------------------------------------------------------------------------- interpreted, CPU
+
+
+@TRITON
+def test_triton_interpreted_option_grid():
+    """1 to 8 inputs; 1x1 and 3x3; padding 0, 1, 2; bias and ReLU on/off; NCHW, NHWC and strided views; fp32, bf16
+    and fp16; odd and size-1 sizes. The options cycle so that each value meets many others."""
+    run_script(
+        """
+        generator = torch.Generator().manual_seed(0)
+        channels_list = [(3,), (1, 2), (5, 3, 2), (2, 7, 1, 3), (4, 4, 4, 4, 1), (1, 1, 3, 1, 2, 5),
+                         (2, 3, 1, 1, 2, 3, 1), (1, 2, 3, 1, 2, 1, 3, 2), (12,), (6, 6)]
+        layouts = ["nchw", "nhwc", "view"]
+        dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
+        sizes = [(2, 5, 7), (1, 9, 4), (2, 1, 6), (1, 6, 1), (2, 3, 3)]
+        count = 0
+        for i, channels in enumerate(channels_list):
+            for ks, padding in ((3, 1), (1, 0), (3, 2 * (i % 2))):
+                j = i + ks + padding
+                batch, height, width = sizes[j % len(sizes)]
+                if height + 2 * padding < ks or width + 2 * padding < ks:
+                    height, width = height + 2, width + 2
+                bias, relu = (j % 2 == 0), (j % 3 != 1)
+                layout, dtype = layouts[j % 3], dtypes[(i + padding) % len(dtypes)]
+                out_channels = (5, 3, 1, 12, 7)[j % 5]
+                name = (f"C={channels} O={out_channels} k={ks} p={padding} {batch}x{height}x{width} bias={bias} "
+                        f"relu={relu} {layout} {dtype}")
+                check(name, channels, out_channels, ks, padding, batch, height, width, bias, relu, layout, dtype,
+                      generator)
+                count += 1
+        print(count, "cases")
+        """
+    )
+
+
+@TRITON
+def test_triton_interpreted_tiles_splits_determinism_and_front_end():
+    run_script(
+        """
+        generator = torch.Generator().manual_seed(1)
+
+        # 1. Small blocks: several pixel tiles, output-channel tiles, channel tiles per input (and tiles past a short
+        #    input's channel count), reduction steps, and weight-gradient splits (with a partial last split).
+        kernel._FWD_BLOCK_M = kernel._FWD_BLOCK_N = kernel._FWD_BLOCK_K = 16
+        kernel._BWD_IN_BLOCK_M = kernel._BWD_IN_BLOCK_N = kernel._BWD_IN_BLOCK_K = 16
+        kernel._BWD_W_BLOCK_C = kernel._BWD_W_BLOCK_O = kernel._BWD_W_BLOCK_P = 16
+        kernel._BWD_W_TARGET_PROGRAMS = 150
+        for ks, padding, layout, dtype in ((3, 1, "nhwc", torch.float32), (1, 0, "nchw", torch.bfloat16)):
+            check(f"small blocks k={ks} {layout} {dtype}", (20, 3), 17, ks, padding, 2, 9, 7, True, True, layout,
+                  dtype, generator)
+        # programs per split: 2 out tiles x 9 taps x 2 inputs x 2 channel tiles per input
+        splits, per_split = kernel._splits(2 * 9 * 2 * 2, 2 * 9 * 7)
+        if not (splits > 1 and splits * per_split >= 2 * 9 * 7 and (splits - 1) * per_split < 2 * 9 * 7):
+            FAILURES.append(f"weight-gradient splits {splits} x {per_split} do not cover 126 pixels in several")
+
+        # 2. Bitwise run-to-run determinism (forward and every gradient), with the small blocks.
+        inputs, weight, b = make((5, 18), 17, 3, 2, 5, 6, True, "nhwc", torch.float32, generator)
+        grad_out = torch.randn(2, 17, 5, 6, generator=generator).to(memory_format=torch.channels_last)
+        fn = lambda xs, w, bb: kernel.concat_conv2d_triton(xs, w, bb, 1, True)  # noqa: E731
+        first_out, first_grads, _ = run(fn, inputs, weight, b, grad_out)
+        again_out, again_grads, _ = run(fn, inputs, weight, b, grad_out)
+        if not (torch.equal(first_out, again_out) and all(map(torch.equal, first_grads, again_grads))):
+            FAILURES.append("two runs differ")
+        # 3. The upstream gradient scaled by 2 scales every gradient by 2, exactly (fp32, no rounding to subnormals).
+        _, twice, _ = run(fn, inputs, weight, b, 2 * grad_out)
+        for i, (g, g2) in enumerate(zip(first_grads, twice, strict=True)):
+            if not torch.equal(g2, 2 * g):
+                FAILURES.append(f"gradient {i} does not scale exactly with the upstream gradient")
+
+        # 4. Only some leaves need a gradient; an expanded (stride-0) upstream gradient from .sum().
+        xs = [x.clone().requires_grad_(i == 1) for i, x in enumerate(inputs)]
+        w = weight.clone()
+        out = kernel.concat_conv2d_triton(xs, w, None, 1, False)
+        out.sum().backward()
+        x64 = [x.double().requires_grad_() for x in inputs]
+        reference(x64, weight.double(), None, 1, False).sum().backward()
+        if xs[0].grad is not None or w.grad is not None:
+            FAILURES.append("a leaf that does not require grad got one")
+        compare("partial needs grad x1", xs[1].grad, x64[1].grad, **FP32)
+
+        # 5. The public function and the module on the triton backend.
+        inputs, weight, b = make((3, 4), 5, 3, 2, 6, 5, True, "nhwc", torch.float32, generator)
+        got = concat_conv2d(inputs, weight, b, 1, "relu", backend="triton")
+        compare("concat_conv2d triton", got, reference(inputs, weight, b, 1, True), **FP32)
+        module = torch_medloss.nn.ConcatConv2d([3, 4], 5, backend="triton")
+        module_ref = torch_medloss.nn.ConcatConv2d([3, 4], 5, backend="reference")
+        module_ref.load_state_dict(module.state_dict())
+        compare("ConcatConv2d triton", module(*inputs), module_ref(*inputs), **FP32)
+        module(*inputs).square().sum().backward()
+        module_ref(*inputs).square().sum().backward()
+        compare("ConcatConv2d triton grad weight", module.weight.grad, module_ref.weight.grad, **FP32)
+        compare("ConcatConv2d triton grad bias", module.bias.grad, module_ref.bias.grad, **FP32)
+
+        # 6. float64: "auto" warns once and runs the reference; a named "triton" raises; so does the op itself.
+        doubles = [x.double() for x in inputs]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = concat_conv2d(doubles, weight.double(), b.double())
+            concat_conv2d(doubles, weight.double(), b.double())
+        if len(caught) != 1 or "float64" not in str(caught[0].message):
+            FAILURES.append(f"float64 auto: expected one warning on float64, got {[str(w.message) for w in caught]}")
+        compare("float64 auto", got, reference(doubles, weight.double(), b.double(), 1, False), rtol=1e-12, atol=1e-12)
+        for call, pattern in ((lambda: concat_conv2d(doubles, weight.double(), b.double(), backend="triton"),
+                               "backend='triton' cannot run concat_conv2d: .*not float64"),
+                              (lambda: kernel.concat_conv2d_triton(doubles, weight.double(), None, 1, False),
+                               "take float32, bfloat16 or float16, got torch.float64")):
+            try:
+                call()
+                FAILURES.append(f"no error for {pattern}")
+            except ValueError as error:
+                import re
+                if not re.search(pattern, str(error)):
+                    FAILURES.append(f"wrong error {error!r}, expected {pattern}")
+
+        # 7. Double backward is refused with a clear error.
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out = kernel.concat_conv2d_triton(xs, weight, b, 1, True)
+        (grad,) = torch.autograd.grad(out.sum(), xs[0], create_graph=True)
+        try:
+            grad.sum().backward()
+            FAILURES.append("double backward did not raise")
+        except RuntimeError as error:
+            if "does not support double backward" not in str(error):
+                FAILURES.append(f"double backward: wrong error {error!r}")
+
+        # 8. The schemas and the autograd registration (the fake-tensor checks need a real device: under the
+        #    interpreter the kernels would run on fake tensors; the CUDA test runs the full opcheck).
+        args = ([torch.randn(1, 2, 4, 5), torch.randn(1, 3, 4, 5)], torch.randn(4, 5, 3, 3), torch.randn(4), 1, True)
+        torch.library.opcheck(torch.ops.torch_medloss.concat_conv2d_triton.default, args,
+                              test_utils=("test_schema", "test_autograd_registration"))
+        out = kernel.concat_conv2d_triton(*args)
+        bwd_args = (torch.randn_like(out), out, args[0], args[1], 1, True)
+        torch.library.opcheck(torch.ops.torch_medloss.concat_conv2d_bwd_input_triton.default, bwd_args,
+                              test_utils=("test_schema",))
+        torch.library.opcheck(torch.ops.torch_medloss.concat_conv2d_bwd_weight_triton.default, bwd_args,
+                              test_utils=("test_schema",))
+        """
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+
+# Realistic Lattice Fusion Network node shapes (the bench's), smaller batches to keep the test quick.
+CUDA_SHAPES = [
+    ((64, 64), 64, 3, 1, 4, 128, 128),
+    ((64, 64, 64), 64, 3, 1, 2, 128, 128),
+    ((32, 32, 32, 32), 64, 3, 1, 2, 256, 256),
+    ((17, 40, 3), 24, 1, 0, 3, 37, 53),
+]
+
+
+def _cuda_case(channels, out_channels, ks, batch, height, width, dtype, channels_last, seed=0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    inputs = [torch.randn(batch, c, height, width, device="cuda", generator=generator, dtype=dtype)
+              for c in channels]
+    if channels_last:
+        inputs = [x.to(memory_format=torch.channels_last) for x in inputs]
+    fan_in = sum(channels) * ks * ks
+    weight = (torch.randn(out_channels, sum(channels), ks, ks, device="cuda", generator=generator) / fan_in ** 0.5)
+    bias = torch.randn(out_channels, device="cuda", generator=generator)
+    return inputs, weight.to(dtype), bias.to(dtype)
+
+
+def _forward_backward(fn, inputs, weight, bias, grad_out):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    leaves += [weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()]
+    out = fn(leaves[:-2], leaves[-2], leaves[-1])
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"{len(s[0])}x{s[0][0]}-{s[1]}-k{s[2]}-{s[5]}")
+def test_cuda_triton_matches_reference(shape, dtype):
+    """Forward and every gradient on a GPU against the reference in float64, channels_last and NCHW.
+
+    fp32 runs in TF32 (cuDNN's default): the tolerance is 5e-3 of each tensor's largest magnitude. bf16 must stay
+    within 2x the error of PyTorch's own bf16 convolution (cuDNN) plus two bf16 rounding steps.
+    """
+    from torch_medloss.kernels.concat_conv import concat_conv2d_triton
+    from torch_medloss.reference.concat_conv import concat_conv2d as reference
+
+    channels, out_channels, ks, padding, batch, height, width = shape
+    for channels_last in (True, False):
+        inputs, weight, bias = _cuda_case(channels, out_channels, ks, batch, height, width, dtype, channels_last)
+        out_shape = (batch, out_channels, height + 2 * padding - ks + 1, width + 2 * padding - ks + 1)
+        grad_out = torch.randn(out_shape, device="cuda", dtype=dtype)
+        got, grads = _forward_backward(lambda xs, w, b: concat_conv2d_triton(xs, w, b, padding, True), inputs, weight,
+                                       bias, grad_out)
+        ref = lambda xs, w, b: reference(xs, w, b, padding, True)  # noqa: E731
+        truth, truth_grads = _forward_backward(ref, [x.double() for x in inputs], weight.double(), bias.double(),
+                                               grad_out.double())
+        low, low_grads = _forward_backward(ref, inputs, weight, bias, grad_out)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for i, (g, t, lo) in enumerate(zip([got, *grads], [truth, *truth_grads], [low, *low_grads], strict=True)):
+            error = (g.double() - t).abs().max().item()
+            scale = t.abs().max().item()
+            if dtype == torch.float32:
+                assert error <= 5e-3 * scale + 1e-5, (i, channels_last, error, scale)
+            else:
+                torch_error = (lo.double() - t).abs().max().item()
+                bound = 2 * torch_error + 2 * torch.finfo(dtype).eps * scale
+                assert error <= bound, (i, channels_last, error, torch_error, scale)
+
+
+@CUDA
+def test_cuda_triton_deterministic_opcheck_and_compile():
+    from torch_medloss.concat_conv import concat_conv2d
+    from torch_medloss.kernels.concat_conv import concat_conv2d_triton
+
+    inputs, weight, bias = _cuda_case((24, 40), 32, 3, 2, 33, 47, torch.bfloat16, True, seed=1)
+    grad_out = torch.randn(2, 32, 33, 47, device="cuda", dtype=torch.bfloat16)
+    fn = lambda xs, w, b: concat_conv2d_triton(xs, w, b, 1, True)  # noqa: E731
+    first, first_grads = _forward_backward(fn, inputs, weight, bias, grad_out)
+    again, again_grads = _forward_backward(fn, inputs, weight, bias, grad_out)
+    assert torch.equal(first, again) and all(map(torch.equal, first_grads, again_grads))
+
+    small = ([x[:1, :, :9, :9].detach() for x in inputs], weight.detach(), bias.detach())
+    torch.library.opcheck(torch.ops.torch_medloss.concat_conv2d_triton.default, (*small, 1, True))
+    torch.library.opcheck(torch.ops.torch_medloss.concat_conv2d_triton.default, (*small[:2], None, 1, False))
+
+    compiled = torch.compile(lambda a, b, w, bb: concat_conv2d([a, b], w, bb, 1, "relu", backend="triton"),
+                             fullgraph=True)
+    a, b = (x.detach().requires_grad_() for x in inputs)
+    out = compiled(a, b, weight, bias)
+    torch.testing.assert_close(out, first)
+    out.backward(grad_out)
+    torch.testing.assert_close(a.grad, first_grads[0])
