@@ -28,6 +28,9 @@ __all__ = ["BACKENDS", "frequency_split", "gaussian_radius", "gaussian_taps"]
 
 BACKENDS = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Largest r = ceil(3 sigma) the Triton kernels take (sigma <= 32 / 3): their windows are then 128 pixels wide, with 64
+# interior; larger radii run the reference (kernels/frequency_split.py reads this limit).
+TRITON_MAX_RADIUS = 32
 
 
 def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -38,8 +41,9 @@ def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[
     mirrors without repeating the edge pixel). Half-precision inputs accumulate in float32.
 
     Args:
-        x: (B, C, H, W) float32, float64, float16 or bfloat16 (float64 on the reference only); H and W must exceed r
-            (reflect padding reads r pixels inside the border).
+        x: (B, C, H, W) float32, float64, float16 or bfloat16, any strides (channels_last too: the outputs keep
+            x's layout, nothing is copied); H and W must exceed r (reflect padding reads r pixels inside the border).
+            float64, and sigma > 32 / 3 (r > TRITON_MAX_RADIUS), run the reference: "auto" warns once, "triton" raises.
         sigma: the Gaussian's standard deviation in pixels, a finite number > 0.
         backend: "auto" (Triton on CUDA tensors, the reference elsewhere), "triton" or "reference".
 
@@ -48,10 +52,25 @@ def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[
 
     Raises:
         TypeError: x not a floating tensor, sigma not a real number. ValueError: x not 4-D, sigma <= 0 or not finite,
-        an image too small for the reflect padding (H or W <= r), an unknown backend.
+        an image too small for the reflect padding (H or W <= r), an unknown backend, backend="triton" where Triton
+        cannot run (a CPU tensor without TRITON_INTERPRET=1, float64, r > TRITON_MAX_RADIUS).
+
+    Example:
+        >>> x = torch.rand(2, 3, 64, 64)
+        >>> low, high = frequency_split(x, sigma=1.5)
+        >>> torch.equal(high, x - low), torch.allclose(low + high, x)
+        (True, True)
     """
     sigma = _check_arguments(x, sigma)
-    chosen = _backend.resolve("frequency_split", _backend.check_backend_name(backend), x.device, BACKENDS)
+    backend = _backend.check_backend_name(backend)
+    blocker = _fusion_blocker(x, sigma)
+    # A named "triton" meets the blocker first; "auto" only where it would otherwise pick Triton, so that "auto" on
+    # a CPU tensor (the reference anyway) does not warn about float64.
+    chosen = _backend.resolve(
+        "frequency_split", backend, x.device, BACKENDS, blocker=blocker if backend == "triton" else None
+    )
+    if chosen == "triton" and blocker is not None:
+        chosen = _backend.resolve("frequency_split", backend, x.device, BACKENDS, blocker=blocker)
     if chosen == "triton":
         return _triton_op()(x, sigma)
     return _reference.frequency_split(x, sigma)
@@ -77,6 +96,16 @@ def _check_arguments(x: object, sigma: object) -> float:
             f"{radius}, got H={height}, W={width}."
         )
     return sigma
+
+
+def _fusion_blocker(x: Tensor, sigma: float) -> str | None:
+    """Why the Triton kernels cannot take these arguments, or None."""
+    if x.dtype == torch.float64:
+        return "the Triton kernels take float32, bfloat16 and float16, not float64"
+    radius = gaussian_radius(sigma)
+    if radius > TRITON_MAX_RADIUS:
+        return f"the Triton kernels take r = ceil(3 sigma) <= {TRITON_MAX_RADIUS}, got r = {radius} (sigma = {sigma})"
+    return None
 
 
 _triton: object | None = None
