@@ -206,3 +206,42 @@ def test_tiny_run_on_cpu(tmp_path, capsys):
     assert eager["status"] == "ok" and eager["ms"] > 0 and eager["peak_extra_mib"] is None
     cpp = by_cell[("DBCE (R=3, ball)", "cpp")]
     assert (cpp["status"] == "ok" and cpp["ms"] > 0) or (cpp["status"] == "unavailable" and cpp["note"])
+
+
+# ----------------------------------------------------------------------------------------------------- bench --ops
+def test_ops_gpu_shapes_are_the_baselines():
+    from torch_medloss.bench import ops
+
+    assert [n.label for n in ops.GPU_NODES] == ["B16 128x128, 2 x 64 ch -> 64", "B16 128x128, 3 x 64 ch -> 64",
+                                                 "B8 256x256, 4 x 32 ch -> 64"]
+    assert ops.GPU_NODES[0].forward_flops() == 2 * 16 * 128 * 128 * 64 * 128 * 9
+    assert ops.GPU_IMAGES == ((16, 1, 512, 512), (16, 3, 512, 512))
+
+
+def test_cat_conv_copy_matches_the_fused_network():
+    from torch_medloss.bench import ops
+    from torch_medloss.models import LatticeFusionNet
+    from torch_medloss.nn import ConcatConv2d
+
+    torch.manual_seed(0)
+    model = LatticeFusionNet().double()
+    baseline = ops.cat_conv_copy(model)
+    assert any(isinstance(m, ConcatConv2d) for m in model.modules())
+    assert not any(isinstance(m, ConcatConv2d) for m in baseline.modules())
+    x = torch.rand(1, 1, 12, 13, dtype=torch.float64)
+    torch.testing.assert_close(baseline(x), model(x))
+
+
+def test_ops_tiny_run_on_cpu(tmp_path, capsys):
+    path = tmp_path / "ops.json"
+    assert main(["bench", "--ops", "--quick", "--no-progress", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "### concat_conv2d node" in text and "### LFN training step" in text and "### frequency_split" in text
+    rows = json.loads(path.read_text())["rows"]
+    by_impl = {(r["op"], r["implementation"], r["pass_"]): r for r in rows}
+    cat = by_impl[("concat_conv2d node", "torch.cat + conv2d", "forward+backward")]
+    assert cat["status"] == "ok" and cat["ms"] > 0 and cat["speedup"] == pytest.approx(1.0)
+    triton_row = by_impl[("concat_conv2d node", "concat_conv2d (triton)", "forward")]
+    assert triton_row["status"] == "unavailable" and "CUDA" in triton_row["note"]
+    assert by_impl[("LFN training step", "same network on torch.cat + nn.Conv2d", "forward+backward+Adam")]["ms"] > 0
+    assert by_impl[("frequency_split", "reference (pad + 2 conv2d + subtract)", "forward")]["status"] == "ok"
