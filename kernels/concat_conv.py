@@ -29,6 +29,9 @@ one launch reads every input once and writes the output once, with the bias and 
 launches would read and rewrite an fp32 output n times (and could apply the ReLU only at the end). The cost is
 code size: the reduction body is instantiated NUM_INPUTS times (one compile per input count, kernel size and
 dtype), and unused slots receive inputs[0] as a placeholder that is never read.
+A table of input addresses loaded in the kernel (the grouped-GEMM way) would avoid instantiating the body per
+slot, but it has to be built from ``data_ptr()``, which the fake tensors of torch.compile do not have: the slots keep
+the op traceable with ``fullgraph=True``.
 
 Trade-off and limits. A 3x3 layer of 64 -> 64 channels does ~9 * 128 FLOP per loaded input element, so the kernels
 are bound by the tensor cores, not by memory; the saving over cat + conv2d is the write and reread of the

@@ -17,3 +17,14 @@ def _seeded_rng():
     torch.manual_seed(0)
     yield
     torch.random.set_rng_state(state)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions in a loop (the model and study tests): one torch thread avoids OpenMP barrier stalls on a
+    busy 2-core box; the thread count is restored after the module. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

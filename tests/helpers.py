@@ -1,4 +1,11 @@
-"""Shared test helpers: value-and-gradient comparison under one upstream gradient."""
+"""Shared test helpers: value-and-gradient comparison under one upstream gradient; Triton kernel scripts run under
+the interpreter in a fresh process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
 
@@ -23,3 +30,66 @@ def assert_same_loss(ours, theirs, input, target, rtol, atol, upstream_seed=1):
         assert value.shape == expected.shape, f"shape {tuple(value.shape)} != {tuple(expected.shape)}"
         torch.testing.assert_close(value, expected.to(value.dtype), rtol=rtol, atol=atol)
         torch.testing.assert_close(grad, expected_grad, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------ Triton kernels under the interpreter
+# TRITON_INTERPRET=1 must be set before triton is imported, and setting it in the test process would change how
+# every later test module sees triton, so the interpreted tests run scripts in a fresh interpreter: SCRIPT_HEADER, a
+# test file's PRELUDE (its imports, case builders and comparisons), then the test's body and ``finish()``. Each script
+# runs many cases (one start-up costs seconds) and collects every mismatch in FAILURES before failing.
+SCRIPT_HEADER = '''
+import importlib, importlib.util, sys
+from pathlib import Path
+
+import torch
+
+import torch_medloss
+
+
+def load_kernel(name):
+    """torch_medloss.kernels.<name>: from the installed package, else from this checkout's kernels/ mounted as
+    torch_medloss.kernels (setup.py maps that directory; a bare checkout lacks it). A module already loaded is
+    reused: a second load would register its ops again."""
+    if importlib.util.find_spec("torch_medloss.kernels") is None:
+        spec = importlib.util.spec_from_file_location(
+            "torch_medloss.kernels", Path(REPO) / "kernels" / "__init__.py",
+            submodule_search_locations=[str(Path(REPO) / "kernels")],
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = package
+        spec.loader.exec_module(package)
+        torch_medloss.kernels = package
+    return importlib.import_module(f"torch_medloss.kernels.{name}")
+
+
+FAILURES = []
+
+
+def finish():
+    if FAILURES:
+        print(f"{len(FAILURES)} failure(s):")
+        print("\\n".join(FAILURES))
+        sys.exit(1)
+'''
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(prelude: str, body: str, interpret: bool = True) -> subprocess.CompletedProcess:
+    """Run SCRIPT_HEADER + ``prelude`` + ``body`` + ``finish()`` in a fresh interpreter from the repository root,
+    under TRITON_INTERPRET=1 (or compiled, with ``interpret=False``); assert that it exits 0, showing its output."""
+    code = f"REPO = {str(_REPO)!r}\n" + SCRIPT_HEADER + prelude + textwrap.dedent(body) + "\nfinish()\n"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", code], cwd=_REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
+    return result
+
+
+def exec_prelude(prelude: str) -> dict:
+    """SCRIPT_HEADER + ``prelude`` run in this process (the CUDA tests): the kernel, helpers and FAILURES list."""
+    namespace = {"REPO": str(_REPO)}
+    exec(SCRIPT_HEADER + prelude, namespace)
+    return namespace

@@ -14,14 +14,13 @@ opcheck, a torch.compile(fullgraph=True) smoke test and realistic shapes.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -34,26 +33,14 @@ CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON and HAS_
 # this checkout, mounted as torch_medloss.kernels so that the public function's "triton" backend finds it), the case
 # builder and the comparisons that record failures instead of stopping at the first.
 PRELUDE = """
-import importlib.util, sys, warnings
-from pathlib import Path
+import warnings
 
-import torch
 import torch.nn.functional as F
 
-import torch_medloss
 from torch_medloss.concat_conv import concat_conv2d
 from torch_medloss.reference.concat_conv import concat_conv2d as reference
 
-if importlib.util.find_spec("torch_medloss.kernels") is None:
-    spec = importlib.util.spec_from_file_location("torch_medloss.kernels", Path(REPO) / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(Path(REPO) / "kernels")])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = package
-    spec.loader.exec_module(package)
-    torch_medloss.kernels = package
-from torch_medloss.kernels import concat_conv as kernel
-
-FAILURES = []
+kernel = load_kernel("concat_conv")
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -136,29 +123,12 @@ def check(name, channels, out_channels, ks, padding, batch, height, width, bias,
             FAILURES.append(f"{name} {label}: error {our_error:.3g} > 2 x torch's {torch_error:.3g} + {floor:.3g}")
     return out, grads
 
-
-def finish():
-    if FAILURES:
-        print(f"{len(FAILURES)} failure(s):")
-        print("\\n".join(FAILURES))
-        sys.exit(1)
 """
 
 
-def run_script(body: str) -> subprocess.CompletedProcess:
-    """Run PRELUDE + ``body`` in a fresh interpreter from the repository root, under TRITON_INTERPRET=1."""
-    code = f"REPO = {str(REPO)!r}\n" + PRELUDE + textwrap.dedent(body) + "\nfinish()\n"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env={**env, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
-    return result
+def run_script(body: str, interpret: bool = True) -> subprocess.CompletedProcess:
+    """helpers.run_script with this file's PRELUDE: a fresh interpreter, under TRITON_INTERPRET=1 or not."""
+    return helpers.run_script(PRELUDE, body, interpret)
 
 
 # ---------------------------------------------------------------------------------------- interpreted, CPU

@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -28,24 +28,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Shared by the subprocess scripts and the CUDA tests: the kernel module (from the installed package, else straight
 # from kernels/ in this checkout), the case generators and the comparisons that record failures.
 PRELUDE = """
-import importlib.util, sys
-from pathlib import Path
-
-import torch
-
 from torch_medloss.reference import dbce_ops as ref
 
-kernel = sys.modules.get("torch_medloss.kernels.dbce")  # loaded once: a second load re-registers the ops
-try:
-    if kernel is None:
-        from torch_medloss.kernels import dbce as kernel
-except ModuleNotFoundError:
-    spec = importlib.util.spec_from_file_location("torch_medloss.kernels.dbce", Path(REPO) / "kernels" / "dbce.py")
-    kernel = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = kernel
-    spec.loader.exec_module(kernel)
-
-FAILURES = []
+kernel = load_kernel("dbce")
 FP32 = dict(rtol=2e-5, atol=2e-6)
 
 
@@ -101,29 +86,12 @@ def check_ce(name, logits, labels, masks, weights, ignore_index, write_map, gene
     compare(f"{name} grad x2", twice, 2 * grad, **({} if logits.dtype != torch.float16 else grad_tol))
     return sums, weighted, grad
 
-
-def finish():
-    if FAILURES:
-        print(f"{len(FAILURES)} failure(s):")
-        print("\\n".join(FAILURES))
-        sys.exit(1)
 """
 
 
 def run_script(body: str, interpret: bool = True) -> subprocess.CompletedProcess:
-    """Run PRELUDE + ``body`` in a fresh interpreter from the repository root, under TRITON_INTERPRET=1 or not."""
-    code = f"REPO = {str(REPO)!r}\n" + PRELUDE + textwrap.dedent(body) + "\nfinish()\n"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env={**env, "TRITON_INTERPRET": "1"} if interpret else env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
-    return result
+    """helpers.run_script with this file's PRELUDE: a fresh interpreter, under TRITON_INTERPRET=1 or not."""
+    return helpers.run_script(PRELUDE, body, interpret)
 
 
 # ------------------------------------------------------------------------------------------------ masks, CPU
@@ -405,9 +373,7 @@ COMPILED = pytest.mark.skipif(INTERPRETED, reason="runs the compiled kernels, no
 
 def _kernel_module() -> dict:
     """PRELUDE run in this process (the kernel module is loaded once): its kernel, helpers and FAILURES list."""
-    namespace = {"REPO": str(REPO)}
-    exec(PRELUDE, namespace)
-    return namespace
+    return helpers.exec_prelude(PRELUDE)
 
 
 @CUDA

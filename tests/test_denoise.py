@@ -13,14 +13,7 @@ from torch_medloss.__main__ import main  # noqa: E402
 from torch_medloss.denoise import data, metrics, train  # noqa: E402
 from torch_medloss.models import DnCNN, LatticeFusionNet  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions: one thread avoids OpenMP barrier stalls on a busy shared CI box (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_and_test_images_are_disjoint():

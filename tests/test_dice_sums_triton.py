@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -29,28 +29,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # from kernels/ in this checkout, so that the tests run without `pip install -e .`), the case generators and the
 # comparison that records failures instead of stopping at the first.
 PRELUDE = """
-import importlib.util, sys
-from pathlib import Path
-
 import numpy as np
-import torch
 
 from torch_medloss.reference.dice_sums import dice_sums_bwd, dice_sums_fwd
 
 np.seterr(all="ignore")  # the interpreter computes log2(0) = -inf on purpose (m = 0 at d = 0)
-kernel = sys.modules.get("torch_medloss.kernels.dice_sums")  # loaded once: a second load re-registers the ops
-try:
-    if kernel is None:
-        from torch_medloss.kernels import dice_sums as kernel
-except ModuleNotFoundError:
-    spec = importlib.util.spec_from_file_location(
-        "torch_medloss.kernels.dice_sums", Path(REPO) / "kernels" / "dice_sums.py"
-    )
-    kernel = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = kernel
-    spec.loader.exec_module(kernel)
+kernel = load_kernel("dice_sums")
 
-FAILURES = []
 FP32 = dict(rtol=2e-5, atol=2e-5)
 
 
@@ -112,29 +97,12 @@ def check(name, logits, target, gamma, ce_weight, activation, labels, ignore_ind
     compare(f"{name} grad x2", twice, 2 * grad, **exact)
     return sums, extras, grad
 
-
-def finish():
-    if FAILURES:
-        print(f"{len(FAILURES)} failure(s):")
-        print("\\n".join(FAILURES))
-        sys.exit(1)
 """
 
 
 def run_script(body: str, interpret: bool = True) -> subprocess.CompletedProcess:
-    """Run PRELUDE + ``body`` in a fresh interpreter from the repository root, under TRITON_INTERPRET=1 or not."""
-    code = f"REPO = {str(REPO)!r}\n" + PRELUDE + textwrap.dedent(body) + "\nfinish()\n"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env={**env, "TRITON_INTERPRET": "1"} if interpret else env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
-    return result
+    """helpers.run_script with this file's PRELUDE: a fresh interpreter, under TRITON_INTERPRET=1 or not."""
+    return helpers.run_script(PRELUDE, body, interpret)
 
 
 # ---------------------------------------------------------------------------------------- option grid, CPU
@@ -481,9 +449,7 @@ COMPILED = pytest.mark.skipif(INTERPRETED, reason="runs the compiled kernels, no
 
 def _kernel_module() -> dict:
     """PRELUDE run in this process (the kernel module is loaded once): its kernel, helpers and FAILURES list."""
-    namespace = {"REPO": str(REPO)}
-    exec(PRELUDE, namespace)
-    return namespace
+    return helpers.exec_prelude(PRELUDE)
 
 
 @CUDA

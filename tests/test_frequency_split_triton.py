@@ -18,12 +18,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -35,29 +35,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # from kernels/ in this checkout, registered as the package torch_medloss.kernels so that the front end finds it
 # too), the comparisons that record failures instead of stopping at the first, and one full check of a case.
 PRELUDE = """
-import importlib.util, sys
-from pathlib import Path
-
-import torch
-
-import torch_medloss
 from torch_medloss.frequency_split import frequency_split
 from torch_medloss.reference.frequency_split import frequency_split as reference_split
 
-kernel = sys.modules.get("torch_medloss.kernels.frequency_split")  # loaded once: a second load re-registers the ops
-if kernel is None:
-    if importlib.util.find_spec("torch_medloss.kernels") is None:
-        spec = importlib.util.spec_from_file_location(
-            "torch_medloss.kernels", Path(REPO) / "kernels" / "__init__.py",
-            submodule_search_locations=[str(Path(REPO) / "kernels")],
-        )
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = package
-        spec.loader.exec_module(package)
-        torch_medloss.kernels = package
-    from torch_medloss.kernels import frequency_split as kernel
-
-FAILURES = []
+kernel = load_kernel("frequency_split")
 FP32 = dict(rtol=2e-5, atol=2e-5)
 
 
@@ -124,29 +105,12 @@ def check(name, x, sigma, generator):
     compare(f"{name} grad", grad_x, expected_grad.to(x.dtype), **tol)
     return low, high, grad_x
 
-
-def finish():
-    if FAILURES:
-        print(f"{len(FAILURES)} failure(s):")
-        print("\\n".join(FAILURES))
-        sys.exit(1)
 """
 
 
 def run_script(body: str, interpret: bool = True) -> subprocess.CompletedProcess:
-    """Run PRELUDE + ``body`` in a fresh interpreter from the repository root, under TRITON_INTERPRET=1 or not."""
-    code = f"REPO = {str(REPO)!r}\n" + PRELUDE + textwrap.dedent(body) + "\nfinish()\n"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env={**env, "TRITON_INTERPRET": "1"} if interpret else env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
-    return result
+    """helpers.run_script with this file's PRELUDE: a fresh interpreter, under TRITON_INTERPRET=1 or not."""
+    return helpers.run_script(PRELUDE, body, interpret)
 
 
 # ---------------------------------------------------------------------------------------- case grid, CPU
@@ -372,9 +336,7 @@ COMPILED = pytest.mark.skipif(INTERPRETED, reason="runs the compiled kernels, no
 
 def _kernel_module() -> dict:
     """PRELUDE run in this process (the kernel module is loaded once): its kernel, helpers and FAILURES list."""
-    namespace = {"REPO": str(REPO)}
-    exec(PRELUDE, namespace)
-    return namespace
+    return helpers.exec_prelude(PRELUDE)
 
 
 @CUDA

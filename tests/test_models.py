@@ -8,14 +8,7 @@ from torch import nn
 from torch_medloss.functional import frequency_split
 from torch_medloss.models import DnCNN, DualFrequencyDenoiser, LatticeFusionNet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions: one thread avoids OpenMP barrier stalls on a busy shared CI box (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model):

@@ -14,14 +14,7 @@ pytest.importorskip("scipy")
 from torch_medloss.models import UNet  # noqa: E402
 from torch_medloss.segdemo import metrics  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models here are tiny: one torch thread is faster than several on a shared CI box (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
