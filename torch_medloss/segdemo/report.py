@@ -14,12 +14,12 @@ SHORT = {1: "CSF", 2: "GM", 3: "WM", 4: "lesion"}
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    """Mean and sample standard deviation (ddof=1; 0 with one seed) over seeds of every metric of
-    :func:`torch_medloss.segdemo.metrics.evaluate`."""
+    """Mean and sample standard deviation (ddof=1; None with one seed: no spread to report) over seeds of every
+    metric of :func:`torch_medloss.segdemo.metrics.evaluate`."""
 
     def stats(values: list[float]) -> dict:
         arr = np.asarray(values, np.float64)
-        return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else None,
                 "values": [float(v) for v in arr]}
 
     out: dict = {"dice": {}, "hd95": {}}
@@ -34,6 +34,8 @@ def summarize(per_seed: list[dict]) -> dict:
 def _fmt(s: dict, digits: int) -> str:
     if math.isnan(s["mean"]):
         return "-"
+    if s["std"] is None:  # one seed
+        return f"{s['mean']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
