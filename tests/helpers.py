@@ -65,6 +65,44 @@ def load_kernel(name):
 FAILURES = []
 
 
+def ptxas_report(fn, pointer_types, constants, num_warps, num_stages=None, float_args=()):
+    """Compile the @triton.jit ``fn`` ahead of time for an H100 (sm_90a) without a GPU and run ``ptxas -v``:
+    returns (registers, spill store bytes) or records a failure. Arguments named ``*_ptr`` take the type in
+    ``pointer_types`` (default ``*fp32``), those in ``constants`` are constexprs, those in ``float_args`` fp32 and
+    the rest i32; ``num_stages`` None keeps Triton's default. Run it without TRITON_INTERPRET
+    (run_script(..., interpret=False))."""
+    import re, subprocess, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*fp32")
+        else:
+            signature[name] = "fp32" if name in float_args else "i32"
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    options = backend.parse_options(options)
+    compiled = triton.compile(source, target=target, options=options.__dict__)
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
+                                 str(Path(folder) / "kernel.cubin")], capture_output=True, text=True)
+    registers = [int(n) for n in re.findall(r"Used (\\d+) registers", report.stderr)]
+    spills = [int(n) for n in re.findall(r"(\\d+) bytes spill stores", report.stderr)]
+    if report.returncode != 0 or not registers:
+        FAILURES.append(f"ptxas failed for {fn.__name__}: {report.stderr}")
+        return None, None
+    return max(registers), max(spills, default=0)
+
+
 def finish():
     if FAILURES:
         print(f"{len(FAILURES)} failure(s):")

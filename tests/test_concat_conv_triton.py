@@ -131,6 +131,45 @@ def run_script(body: str, interpret: bool = True) -> subprocess.CompletedProcess
     return helpers.run_script(PRELUDE, body, interpret)
 
 
+# ------------------------------------------------------------------------------- compiled for sm_90, CPU
+
+
+@TRITON
+def test_triton_compiles_for_sm90_without_spills():
+    """Compile the three kernels ahead of time for an H100 (sm_90a) at the launchers' sizes; no GPU needed.
+
+    The interpreter is lax about types; the compiler is not. ptxas must report no register spills for bf16 and fp32
+    (2 and 8 inputs) and fp32 (3 inputs) with 3x3 kernels, with and without ReLU.
+    """
+    run_script(
+        """
+        for dtype, precision, num_inputs, relu in (("bf16", "ieee", 2, True), ("bf16", "ieee", 8, False),
+                                                   ("fp32", "tf32", 3, True)):
+            data = {name: f"*{dtype}" for name in (
+                [f"x{k}_ptr" for k in range(8)] + [f"gx{k}_ptr" for k in range(8)]
+                + ["out_ptr", "w_ptr", "bias_ptr", "gy_ptr", "y_ptr"])}
+            common = dict(NUM_INPUTS=num_inputs, KS=3, RELU=relu, UPCAST=False, INPUT_PRECISION=precision)
+            for fn, blocks in (
+                (kernel._concat_conv2d_fwd_kernel, dict(HAS_BIAS=True, BLOCK_M=kernel._FWD_BLOCK_M,
+                                                        BLOCK_N=kernel._FWD_BLOCK_N, BLOCK_K=kernel._FWD_BLOCK_K)),
+                (kernel._concat_conv2d_bwd_input_kernel, dict(BLOCK_M=kernel._BWD_IN_BLOCK_M,
+                                                              BLOCK_N=kernel._BWD_IN_BLOCK_N,
+                                                              BLOCK_K=kernel._BWD_IN_BLOCK_K)),
+                (kernel._concat_conv2d_bwd_weight_kernel, dict(BLOCK_C=kernel._BWD_W_BLOCK_C,
+                                                               BLOCK_O=kernel._BWD_W_BLOCK_O,
+                                                               BLOCK_P=kernel._BWD_W_BLOCK_P)),
+            ):
+                registers, spills = ptxas_report(fn, data, {**common, **blocks}, kernel._NUM_WARPS,
+                                                 kernel._NUM_STAGES)
+                print(fn.__name__, dtype, num_inputs, registers, spills)
+                if spills:
+                    FAILURES.append(f"{fn.__name__} {dtype} {num_inputs} inputs: {registers} registers, "
+                                    f"{spills} bytes of spill stores")
+        """,
+        interpret=False,
+    )
+
+
 # ---------------------------------------------------------------------------------------- interpreted, CPU
 
 

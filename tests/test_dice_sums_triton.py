@@ -386,13 +386,6 @@ def test_compiles_for_sm90_without_spills():
     """
     run_script(
         """
-        import re, subprocess, tempfile
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        target = GPUTarget("cuda", 90, 32)
-        backend = triton.compiler.make_backend(target)
         FLAGS = ("ACTIVATION", "TARGET_IS_LABELS", "MASK_MODE", "SQUARED", "WITH_CE", "INT64_OFFSETS")
 
         def compile_and_count(fn, pointer_types, flags, num_classes):
@@ -401,27 +394,9 @@ def test_compiles_for_sm90_without_spills():
             # The usual specialisation of a contiguous (B, C, S) layout: unit pixel strides become constants.
             constants.update({name: 1 for name in fn.arg_names if name.endswith("_s") or name in (
                 "stride_gamma", "stride_ce_weight", "stride_grad_sums_k")})
-            signature = {}
-            for name in fn.arg_names:
-                if name in constants:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = pointer_types.get(name, "*fp32")
-                else:
-                    signature[name] = "fp32" if name == "label_smoothing" else "i32"
-            source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-            options = backend.parse_options({"num_warps": num_warps})
-            compiled = triton.compile(source, target=target, options=options.__dict__)
-            with tempfile.TemporaryDirectory() as folder:
-                ptx = Path(folder) / "kernel.ptx"
-                ptx.write_text(compiled.asm["ptx"])
-                report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
-                                         str(Path(folder) / "kernel.cubin")], capture_output=True, text=True)
-            spills = [int(n) for n in re.findall(r"(\\d+) bytes spill stores", report.stderr)]
-            registers = re.findall(r"Used (\\d+) registers", report.stderr)
-            if report.returncode != 0 or not registers:
-                FAILURES.append(f"ptxas failed for {fn.__name__} {flags}: {report.stderr}")
-            elif num_classes <= 16 and any(spills):
+            registers, spills = ptxas_report(fn, pointer_types, constants, num_warps,
+                                             float_args=("label_smoothing",))
+            if num_classes <= 16 and spills:
                 FAILURES.append(f"{fn.__name__} C={num_classes} {flags}: {registers} registers, spills {spills}")
             print(fn.__name__, num_classes, flags, registers, spills)
 

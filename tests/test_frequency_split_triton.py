@@ -279,39 +279,12 @@ def test_triton_compiles_for_sm90():
     """
     result = run_script(
         """
-        import re, subprocess, tempfile
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        target = GPUTarget("cuda", 90, 32)
-        backend = triton.compiler.make_backend(target)
-
         def compile_and_count(fn, types, radius, precision):
             tile_h, tile_w, num_warps, *_ = kernel._launch_sizes((16, 3, 512, 512), radius)
             constants = dict(TILE_H=tile_h, TILE_W=tile_w, DOT_PRECISION=precision)
             # The usual specialisation of a contiguous layout: unit W strides become constants.
             constants.update({name: 1 for name in fn.arg_names if name.startswith("stride") and name.endswith("_w")})
-            signature = {}
-            for name in fn.arg_names:
-                if name in constants:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = types.get(name, "*fp32")
-                else:
-                    signature[name] = "fp32" if name in ("log2_scale", "inv_norm") else "i32"
-            source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-            options = backend.parse_options({"num_warps": num_warps})
-            compiled = triton.compile(source, target=target, options=options.__dict__)
-            with tempfile.TemporaryDirectory() as folder:
-                ptx = Path(folder) / "kernel.ptx"
-                ptx.write_text(compiled.asm["ptx"])
-                report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
-                                         str(Path(folder) / "kernel.cubin")], capture_output=True, text=True)
-            spills = [int(n) for n in re.findall(r"(\\d+) bytes spill stores", report.stderr)]
-            registers = re.findall(r"Used (\\d+) registers", report.stderr)
-            if report.returncode != 0 or not registers:
-                FAILURES.append(f"ptxas failed for {fn.__name__}: {report.stderr}")
+            registers, spills = ptxas_report(fn, types, constants, num_warps, float_args=("log2_scale", "inv_norm"))
             print(fn.__name__, types, f"r={radius}", precision, f"T={tile_h}x{tile_w}", f"warps={num_warps}",
                   "registers", registers, "spills", spills)
 
