@@ -53,6 +53,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from torch_medloss.kernels._device import on_device
+
 # No autotuning yet: no GPU has timed these kernels. An autotune key would be (C_i tuple, O, K, dtype, layout);
 # the candidates worth timing on an H100 are listed in the report of issue 6 (BLOCK_M 64/128, BLOCK_N 64/128,
 # BLOCK_K 32/64, num_warps 4/8, num_stages 2-4). The sizes below are a conservative middle.
@@ -263,7 +265,8 @@ def _concat_conv2d_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # NaN stays NaN, as in torch.relu (PTX max.f32 would return the other operand: 0).
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     out_rows = out_ptr + image * stride_out_b + oh * stride_out_h + ow * stride_out_w
     tl.store(out_rows[:, None] + outs[None, :] * stride_out_c, acc.to(out_ptr.dtype.element_ty),
              mask=pixel_ok[:, None] & out_ok[None, :])
@@ -543,7 +546,7 @@ def _bwd_weight_tile(
 
     acc = tl.zeros([BLOCK_C, BLOCK_O], dtype=tl.float32)
     acc_bias = tl.zeros([BLOCK_O], dtype=tl.float32)
-    offset = 0
+    offset = tl.zeros([], dtype=tl.int64)  # int64: a slice may hold more than 2**31 pixels
     while offset < pixels_per_split:
         # 1. BLOCK_P output pixels, and the input pixels that tap (kh, kw) reads for them
         pixels = first + offset + tl.arange(0, BLOCK_P).to(tl.int64)
@@ -742,6 +745,8 @@ def _check(op: str, inputs: list[torch.Tensor], weight: torch.Tensor, padding: i
                              f"{tuple(first.shape)}, got {tuple(x.shape)}.")
         if x.dtype != first.dtype or x.device != first.device:
             raise ValueError(f"{op}: inputs[{i}] must have inputs[0]'s dtype and device, got {x.dtype} on {x.device}.")
+        if x.shape[1] < 1:  # the bias gradient rides on the first input's programs
+            raise ValueError(f"{op}: inputs[{i}] must have at least one channel, got shape {tuple(x.shape)}.")
     channels = sum(x.shape[1] for x in inputs)
     if weight.dim() != 4 or weight.shape[1] != channels or weight.shape[2] != weight.shape[3] or \
             weight.shape[2] not in (1, 3) or weight.dtype != first.dtype or weight.device != first.device:
@@ -767,8 +772,21 @@ def _weight_view(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, in
 def _dot_options(dtype: torch.dtype) -> tuple[bool, str]:
     """(UPCAST, INPUT_PRECISION): fp32 dots in TF32 when cuDNN convolutions may use it, else IEEE."""
     upcast = _interpreting() and dtype == torch.bfloat16
-    precision = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    precision = "tf32" if dtype == torch.float32 and _cudnn_conv_tf32() else "ieee"
     return upcast, precision
+
+
+def _cudnn_conv_tf32() -> bool:
+    """Whether cuDNN convolutions may use TF32. torch >= 2.9 has per-level ``fp32_precision`` settings ("none" defers
+    to the level above) and raises on reading the legacy ``allow_tf32`` once a user has set the new API."""
+    levels = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
+    for level in levels:
+        value = getattr(level, "fp32_precision", None)
+        if value is None:
+            break  # an older torch: the legacy flag below
+        if value != "none":
+            return value == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
 
 
 def _slots(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int], list[int]]:
@@ -799,14 +817,15 @@ def concat_conv2d_triton(inputs: list[torch.Tensor], weight: torch.Tensor, bias:
     pointers, channels, strides = _slots(inputs)
     upcast, precision = _dot_options(first.dtype)
     grid = (triton.cdiv(num_pixels, _FWD_BLOCK_M) * triton.cdiv(out_channels, _FWD_BLOCK_N),)
-    wrap_triton(_concat_conv2d_fwd_kernel)[grid](
-        out, *pointers, w, bias_arg,
-        *channels, num_pixels, out_channels, first.shape[2], first.shape[3], out_h, out_w, padding,
-        *strides, *w_strides, *out.stride(),
-        NUM_INPUTS=len(inputs), KS=ks, HAS_BIAS=bias is not None, RELU=relu, UPCAST=upcast,
-        INPUT_PRECISION=precision, BLOCK_M=_FWD_BLOCK_M, BLOCK_N=_FWD_BLOCK_N, BLOCK_K=_FWD_BLOCK_K,
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
-    )  # fmt: skip
+    with on_device(out):
+        wrap_triton(_concat_conv2d_fwd_kernel)[grid](
+            out, *pointers, w, bias_arg,
+            *channels, num_pixels, out_channels, first.shape[2], first.shape[3], out_h, out_w, padding,
+            *strides, *w_strides, *out.stride(),
+            NUM_INPUTS=len(inputs), KS=ks, HAS_BIAS=bias is not None, RELU=relu, UPCAST=upcast,
+            INPUT_PRECISION=precision, BLOCK_M=_FWD_BLOCK_M, BLOCK_N=_FWD_BLOCK_N, BLOCK_K=_FWD_BLOCK_K,
+            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        )  # fmt: skip
     return out
 
 
@@ -844,14 +863,15 @@ def concat_conv2d_bwd_input_triton(grad_out: torch.Tensor, out: torch.Tensor | N
     tiles = triton.cdiv(max(channels), _BWD_IN_BLOCK_N)
     upcast, precision = _dot_options(first.dtype)
     grid = (triton.cdiv(num_pixels, _BWD_IN_BLOCK_M) * len(inputs) * tiles,)
-    wrap_triton(_concat_conv2d_bwd_input_kernel)[grid](
-        *pointers, grad_out, y, w,
-        *channels, tiles, num_pixels, weight.shape[0], first.shape[2], first.shape[3], out_h, out_w, padding,
-        *strides, *grad_out.stride(), *y.stride(), *w_strides,
-        NUM_INPUTS=len(inputs), KS=ks, RELU=relu, UPCAST=upcast, INPUT_PRECISION=precision,
-        BLOCK_M=_BWD_IN_BLOCK_M, BLOCK_N=_BWD_IN_BLOCK_N, BLOCK_K=_BWD_IN_BLOCK_K,
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
-    )  # fmt: skip
+    with on_device(grad_out):
+        wrap_triton(_concat_conv2d_bwd_input_kernel)[grid](
+            *pointers, grad_out, y, w,
+            *channels, tiles, num_pixels, weight.shape[0], first.shape[2], first.shape[3], out_h, out_w, padding,
+            *strides, *grad_out.stride(), *y.stride(), *w_strides,
+            NUM_INPUTS=len(inputs), KS=ks, RELU=relu, UPCAST=upcast, INPUT_PRECISION=precision,
+            BLOCK_M=_BWD_IN_BLOCK_M, BLOCK_N=_BWD_IN_BLOCK_N, BLOCK_K=_BWD_IN_BLOCK_K,
+            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        )  # fmt: skip
     return grads
 
 
@@ -875,7 +895,7 @@ def concat_conv2d_bwd_weight_triton(grad_out: torch.Tensor, out: torch.Tensor | 
     first = inputs[0]
     out_channels, total_channels = weight.shape[0], weight.shape[1]
     num_pixels = first.shape[0] * out_h * out_w
-    if num_pixels == 0:
+    if num_pixels == 0 or out_channels == 0 or total_channels == 0:
         return torch.zeros_like(weight), weight.new_zeros((out_channels,))
     grad_out = grad_out.to(first.dtype)
     y = out if relu else grad_out
@@ -887,16 +907,17 @@ def concat_conv2d_bwd_weight_triton(grad_out: torch.Tensor, out: torch.Tensor | 
                              device=first.device)
     gb_partial = torch.empty((splits, out_channels), dtype=torch.float32, device=first.device)
     upcast, precision = _dot_options(first.dtype)
-    wrap_triton(_concat_conv2d_bwd_weight_kernel)[(splits * programs_per_split,)](
-        gw_partial, gb_partial, *pointers, grad_out, y,
-        *channels, tiles, pixels_per_split, num_pixels, out_channels, first.shape[2], first.shape[3], out_h, out_w,
-        padding,
-        *strides, *grad_out.stride(), *y.stride(), gw_partial.stride(0), gw_partial.stride(1), gw_partial.stride(2),
-        gb_partial.stride(0),
-        NUM_INPUTS=len(inputs), KS=ks, RELU=relu, UPCAST=upcast, INPUT_PRECISION=precision,
-        BLOCK_C=_BWD_W_BLOCK_C, BLOCK_O=_BWD_W_BLOCK_O, BLOCK_P=_BWD_W_BLOCK_P,
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
-    )  # fmt: skip
+    with on_device(grad_out):
+        wrap_triton(_concat_conv2d_bwd_weight_kernel)[(splits * programs_per_split,)](
+            gw_partial, gb_partial, *pointers, grad_out, y,
+            *channels, tiles, pixels_per_split, num_pixels, out_channels, first.shape[2], first.shape[3], out_h, out_w,
+            padding,
+            *strides, *grad_out.stride(), *y.stride(), gw_partial.stride(0), gw_partial.stride(1), gw_partial.stride(2),
+            gb_partial.stride(0),
+            NUM_INPUTS=len(inputs), KS=ks, RELU=relu, UPCAST=upcast, INPUT_PRECISION=precision,
+            BLOCK_C=_BWD_W_BLOCK_C, BLOCK_O=_BWD_W_BLOCK_O, BLOCK_P=_BWD_W_BLOCK_P,
+            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        )  # fmt: skip
     # Fixed-order reduction over the splits: deterministic, no atomics.
     grad_weight = gw_partial.sum(dim=0).view(ks, ks, total_channels, out_channels).permute(3, 2, 0, 1)
     return grad_weight.to(weight.dtype).contiguous(), gb_partial.sum(dim=0).to(weight.dtype)

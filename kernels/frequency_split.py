@@ -60,16 +60,17 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from torch_medloss.frequency_split import TRITON_MAX_RADIUS
+from torch_medloss.kernels._device import on_device
 
 # No autotuning: the window is a heuristic of r and the image size alone (_launch_sizes); an autotune key would have
 # to include r, since r sets the useful fraction of a window.
 
 # Window side for r <= 8 (32: interior 26 at r = 3, 16 at r = 8); larger radii take next_power_of_2(4 r), so that at
-# least half of each side is interior (64 up to r = 16, 128 up to _MAX_RADIUS). Expected H100 starting point:
+# least half of each side is interior (64 up to r = 16 = _MAX_RADIUS). Expected H100 starting point:
 # T_H = T_W = 32, 8 warps, then _DOT_PRECISION = "tf32x3"; then 32 x 64 windows with 8 warps (no spills with
 # tf32x3; for that the heuristic would need separate sides) and 64 x 64 with plain tf32 to see what the spills cost.
 _TILE = 32
-# Largest radius the kernels take (sigma <= 32 / 3): windows of 128 x 128 with 16 warps. Larger radii run the
+# Largest radius the kernels take (sigma <= 16 / 3): windows of 64 x 64. Larger radii run the
 # reference (the front end treats them as a fusion blocker). Defined there.
 _MAX_RADIUS = TRITON_MAX_RADIUS
 # Programs to aim for: enough to fill an H100 (132 SMs) several times over, few enough that each program walks
@@ -375,25 +376,26 @@ def _launch(kernel, outputs: list[torch.Tensor], inputs: list[torch.Tensor], sig
     tile_h, tile_w, num_warps, planes_per_program, stride_h, stride_w, grid = _launch_sizes(shape, radius)
     _, log2_scale, inv_norm = gaussian_constants(sigma)
     strides = [s for tensor in outputs + inputs for s in tensor.stride()]
-    wrap_triton(kernel)[grid](
-        *outputs,
-        *inputs,
-        shape[0] * shape[1],
-        shape[1],
-        shape[2],
-        shape[3],
-        planes_per_program,
-        radius,
-        stride_h,
-        stride_w,
-        log2_scale,
-        inv_norm,
-        *strides,
-        TILE_H=tile_h,
-        TILE_W=tile_w,
-        DOT_PRECISION=_DOT_PRECISION,
-        num_warps=num_warps,
-    )
+    with on_device(outputs[0]):
+        wrap_triton(kernel)[grid](
+            *outputs,
+            *inputs,
+            shape[0] * shape[1],
+            shape[1],
+            shape[2],
+            shape[3],
+            planes_per_program,
+            radius,
+            stride_h,
+            stride_w,
+            log2_scale,
+            inv_norm,
+            *strides,
+            TILE_H=tile_h,
+            TILE_W=tile_w,
+            DOT_PRECISION=_DOT_PRECISION,
+            num_warps=num_warps,
+        )
 
 
 @triton_op("torch_medloss::frequency_split_triton", mutates_args=())

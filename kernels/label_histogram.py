@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from torch_medloss.kernels._device import on_device
 from torch_medloss.label_histogram import check_op_inputs, label_histogram_fake
 
 # No autotuning: the kernel is bound by its loads and its compare tile, and the fixed sizes below keep it free of
@@ -135,20 +136,21 @@ def label_histogram_triton(labels: torch.Tensor, num_classes: int, ignore_index:
         )
 
     partial = labels.new_empty((batch, programs, bins), dtype=torch.int32)
-    wrap_triton(_label_histogram_fwd_kernel)[(batch, programs, class_tiles)](
-        partial,
-        labels,
-        num_pixels,
-        num_classes,
-        ignore_index,
-        pixels_per_program,
-        labels.stride(0),
-        labels.stride(1),
-        partial.stride(0),
-        partial.stride(1),
-        BLOCK_N=_BLOCK_N,
-        BLOCK_C=block_c,
-    )
+    with on_device(partial):
+        wrap_triton(_label_histogram_fwd_kernel)[(batch, programs, class_tiles)](
+            partial,
+            labels,
+            num_pixels,
+            num_classes,
+            ignore_index,
+            pixels_per_program,
+            labels.stride(0),
+            labels.stride(1),
+            partial.stride(0),
+            partial.stride(1),
+            BLOCK_N=_BLOCK_N,
+            BLOCK_C=block_c,
+        )
     return partial.sum(dim=1, dtype=torch.int64)
 
 

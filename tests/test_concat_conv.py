@@ -168,6 +168,13 @@ def test_module_relu_default_and_errors():
         ConcatConv2d([1, 2], 4, 5)
     with pytest.raises(ValueError, match=r"padding must be None or an int in \[0, 0\], got 1"):
         ConcatConv2d([1, 2], 4, 1, padding=1)
+    for kernel_size in ("3", 3.0):
+        with pytest.raises(TypeError, match="kernel_size must be an int, 1 or 3"):
+            ConcatConv2d([1, 2], 4, kernel_size)
+    with pytest.raises(TypeError, match="padding must be None or an int, got float"):
+        ConcatConv2d([1, 2], 4, padding=1.0)
+    with pytest.raises(TypeError, match="bias must be a bool, got str"):
+        ConcatConv2d([1, 2], 4, bias="no")
     with pytest.raises(ValueError, match="activation must be None or 'relu', got 'gelu'"):
         ConcatConv2d([1, 2], 4, activation="gelu")
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -210,7 +217,10 @@ BAD = [
     (ValueError, "weight must be a 1x1 or 3x3 kernel, got 5x5",
      lambda x, w, b: concat_conv2d(x, torch.randn(4, 5, 5, 5), b)),
     (TypeError, "bias must be a torch.Tensor or None, got list", lambda x, w, b: concat_conv2d(x, w, b.tolist())),
-    (TypeError, "bias must match the inputs' dtype and device", lambda x, w, b: concat_conv2d(x, w, b.double())),
+    (TypeError, "bias must have the inputs' dtype torch.float32, got torch.float64",
+     lambda x, w, b: concat_conv2d(x, w, b.double())),
+    (ValueError, r"inputs of size 2x2 with padding=0 are smaller than the 3x3 kernel",
+     lambda x, w, b: concat_conv2d([x[0][..., :2, :2], x[1][..., :2, :2]], w, b, 0)),
     (ValueError, r"bias must have shape \(4,\), got \(3,\)", lambda x, w, b: concat_conv2d(x, w, b[:3])),
     (TypeError, "padding must be an int, got float", lambda x, w, b: concat_conv2d(x, w, b, padding=1.0)),
     (TypeError, "padding must be an int, got bool", lambda x, w, b: concat_conv2d(x, w, b, padding=True)),
@@ -267,3 +277,27 @@ def test_float64_is_a_fusion_blocker_where_triton_could_run(monkeypatch):
     torch.testing.assert_close(first, literal(inputs, weight, bias, 1, True), **TIGHT)
     with pytest.raises(ValueError, match="backend='triton' cannot run concat_conv2d: .*not float64"):
         concat_conv2d(inputs, weight, bias, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------------ autocast
+
+
+def test_autocast_casts_like_conv2d():
+    """Inside torch.autocast the op runs in the autocast dtype, as conv2d does, so an autocast network built on
+    ConcatConv2d (bf16 activations, fp32 parameters) works; the result matches cat + conv2d under autocast."""
+    from torch_medloss.models import LatticeFusionNet
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, c, 6, 7, generator=generator) for c in (3, 2)]
+    weight = torch.randn(4, 5, 3, 3, generator=generator)
+    bias = torch.randn(4, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = concat_conv2d(inputs, weight, bias, 1, "relu")
+        expected = torch.relu(F.conv2d(torch.cat(inputs, 1), weight, bias, padding=1))
+        model_out = LatticeFusionNet(rows=2, cols=2, width=8)(torch.rand(1, 1, 9, 10, generator=generator))
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=5e-2)
+    assert model_out.shape == (1, 1, 9, 10) and torch.isfinite(model_out).all()
+    # float64 is not an autocast dtype: left alone, as autocast leaves it for conv2d.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert concat_conv2d([x.double() for x in inputs], weight.double(), None).dtype == torch.float64

@@ -131,6 +131,23 @@ def run_script(body: str, interpret: bool = True) -> subprocess.CompletedProcess
     return helpers.run_script(PRELUDE, body, interpret)
 
 
+@TRITON
+def test_triton_interpreted_relu_keeps_nan():
+    """ReLU after the bias keeps a NaN as torch.relu does (the kernel asks tl.maximum to propagate it: PTX max.f32
+    alone would return 0), and a NaN input reaches exactly the outputs whose 3x3 window covers it."""
+    run_script(
+        """
+        x = [torch.randn(1, 2, 5, 6), torch.randn(1, 3, 5, 6)]
+        x[1][0, 1, 2, 3] = float("nan")
+        weight, bias = torch.randn(4, 5, 3, 3), torch.randn(4)
+        got = kernel.concat_conv2d_triton(x, weight, bias, 1, True)
+        expected = torch.relu(torch.nn.functional.conv2d(torch.cat(x, 1), weight, bias, padding=1))
+        if not torch.equal(got.isnan(), expected.isnan()) or not got.isnan().any():
+            FAILURES.append(f"NaN pattern differs: got {got.isnan().sum()} NaNs, expected {expected.isnan().sum()}")
+        """
+    )
+
+
 # ------------------------------------------------------------------------------- compiled for sm_90, CPU
 
 

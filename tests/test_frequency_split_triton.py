@@ -241,7 +241,7 @@ def test_interpreted_paths_determinism_and_errors():
         raises(r"x must have shape \\(B, C, H, W\\), got \\(8, 8\\)", op, torch.zeros(8, 8), 1.0)
         raises(r"sigma must be a finite number > 0, got -1.0", op, torch.zeros(1, 1, 8, 8), -1.0)
         raises(r"needs H and W > 3, got H=3, W=8", op, torch.zeros(1, 1, 3, 8), 1.0)
-        raises(r"r = ceil\\(3 sigma\\) = 51 exceeds the kernels' limit 32", op, torch.zeros(1, 1, 60, 60), 17.0)
+        raises(r"r = ceil\\(3 sigma\\) = 51 exceeds the kernels' limit 16", op, torch.zeros(1, 1, 60, 60), 17.0)
         bwd = kernel.frequency_split_bwd_triton
         raises(r"grad_high has shape \\(1, 1, 8, 9\\), grad_low has \\(1, 1, 8, 8\\)", bwd,
                torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9), 1.0, torch.float32)

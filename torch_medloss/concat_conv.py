@@ -54,16 +54,22 @@ def concat_conv2d(
         (B, O, H + 2 padding - K + 1, W + 2 padding - K + 1) in the inputs' dtype; channels_last when the first
         input is.
 
+    Autocast: inside ``torch.autocast`` (as for ``conv2d``, which autocast runs in its lower precision) float32,
+    float16 and bfloat16 inputs, weight and bias are cast to the autocast dtype first; float64 is left alone.
+
     Raises:
         TypeError: inputs not a sequence of tensors, a non-float dtype, mixed dtypes, weight or bias not a tensor,
             padding not an int, activation not None or a str.
         ValueError: 0 or more than 8 inputs, inputs that are not 4-D or differ in batch or spatial size or device,
-            a weight whose shape does not match the inputs, a kernel other than 1x1 or 3x3, a bias of the wrong
-            shape, a padding outside [0, K - 1], an unknown activation or backend.
+            a weight or bias on another device, a weight whose shape does not match the inputs, a kernel other than
+            1x1 or 3x3, a bias of the wrong shape, a padding outside [0, K - 1], an image smaller than the kernel
+            (with its padding), an unknown activation or backend.
     """
     inputs = _check_inputs(inputs)
+    inputs, weight, bias = _autocast(inputs, weight, bias)
     _check_weight(inputs, weight, bias)
     padding = _check_padding(padding, weight.shape[-1])
+    _check_output_size(inputs[0], weight.shape[-1], padding)
     relu = _check_activation(activation)
     backend = _backend.check_backend_name(backend)
     # float64 is a fusion blocker where the Triton kernels could otherwise run: "auto" falls back with one warning.
@@ -77,6 +83,32 @@ def concat_conv2d(
 
 
 # ------------------------------------------------------------------------------------------------- argument checks
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast(inputs: tuple[Tensor, ...], weight: object, bias: object):
+    """Cast to the autocast dtype inside ``torch.autocast``, as autocast does for conv2d (a custom op is not on
+    autocast's lists, so without this the bf16 activations of an autocast network would meet fp32 weights)."""
+    device_type = inputs[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return inputs, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(tensor):
+        if isinstance(tensor, Tensor) and tensor.dtype in _AUTOCAST_ELIGIBLE and tensor.dtype != dtype:
+            return tensor.to(dtype)
+        return tensor
+
+    return tuple(cast(x) for x in inputs), cast(weight), cast(bias)
+
+
+def _check_output_size(first: Tensor, kernel_size: int, padding: int) -> None:
+    height, width = first.shape[-2:]
+    if min(height, width) + 2 * padding < kernel_size:
+        raise ValueError(f"inputs of size {height}x{width} with padding={padding} are smaller than the "
+                         f"{kernel_size}x{kernel_size} kernel: the output would be empty.")
 
 
 def _check_inputs(inputs: object) -> tuple[Tensor, ...]:
@@ -130,9 +162,10 @@ def _check_weight(inputs: tuple[Tensor, ...], weight: object, bias: object) -> N
         return
     if not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}.")
-    if bias.dtype != first.dtype or bias.device != first.device:
-        raise TypeError(f"bias must match the inputs' dtype and device ({first.dtype}, {first.device}), got "
-                        f"({bias.dtype}, {bias.device}).")
+    if bias.dtype != first.dtype:
+        raise TypeError(f"bias must have the inputs' dtype {first.dtype}, got {bias.dtype}.")
+    if bias.device != first.device:
+        raise ValueError(f"bias must be on the inputs' device {first.device}, got {bias.device}.")
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}.")
 

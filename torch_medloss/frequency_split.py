@@ -28,9 +28,10 @@ __all__ = ["BACKENDS", "frequency_split", "gaussian_radius", "gaussian_taps"]
 
 BACKENDS = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Largest r = ceil(3 sigma) the Triton kernels take (sigma <= 32 / 3): their windows are then 128 pixels wide, with 64
-# interior; larger radii run the reference (kernels/frequency_split.py reads this limit).
-TRITON_MAX_RADIUS = 32
+# Largest r = ceil(3 sigma) the Triton kernels take (sigma <= 16 / 3): windows of 64 pixels, 32 interior. Past it
+# the 128-pixel windows spill heavily on sm_90 (ptxas: 12 KB forward, 39 KB backward per thread at r = 32, local
+# memory a driver may reserve by the GB), so larger radii run the reference (kernels/frequency_split.py reads this).
+TRITON_MAX_RADIUS = 16
 
 
 def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -43,7 +44,7 @@ def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[
     Args:
         x: (B, C, H, W) float32, float64, float16 or bfloat16, any strides (channels_last too: the outputs keep
             x's layout, nothing is copied); H and W must exceed r (reflect padding reads r pixels inside the border).
-            float64, and sigma > 32 / 3 (r > TRITON_MAX_RADIUS), run the reference: "auto" warns once, "triton" raises.
+            float64, and sigma > 16 / 3 (r > TRITON_MAX_RADIUS), run the reference: "auto" warns once, "triton" raises.
         sigma: the Gaussian's standard deviation in pixels, a finite number > 0.
         backend: "auto" (Triton on CUDA tensors, the reference elsewhere), "triton" or "reference".
 

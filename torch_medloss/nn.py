@@ -46,11 +46,17 @@ class ConcatConv2d(nn.Module):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
-        if kernel_size not in KERNEL_SIZES or isinstance(kernel_size, bool):
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
+            raise TypeError(f"kernel_size must be an int, 1 or 3, got {type(kernel_size).__name__}.")
+        if kernel_size not in KERNEL_SIZES:
             raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size!r}.")
         padding = kernel_size // 2 if padding is None else padding
-        if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or not 0 <= padding < kernel_size:
+        if isinstance(padding, bool) or not isinstance(padding, numbers.Integral):
+            raise TypeError(f"padding must be None or an int, got {type(padding).__name__}.")
+        if not 0 <= padding < kernel_size:
             raise ValueError(f"padding must be None or an int in [0, {kernel_size - 1}], got {padding!r}.")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}.")
         _check_activation(activation)
         self.in_channels = tuple(int(c) for c in in_channels)
         self.out_channels = int(out_channels)
