@@ -42,6 +42,12 @@ in comparison and cat + conv2d is the better choice. The weight-gradient kernel 
 channel tile (from L2). fp32 runs the dots in TF32 (as cuDNN does by default) when
 ``torch.backends.cudnn.allow_tf32`` is set: expect a relative error of about 1e-3 of the output's scale; otherwise
 (and under TRITON_INTERPRET=1, where the dot is numpy's fp32 matmul) the dots are IEEE fp32.
+
+First thing to try on a GPU. The reduction loops are ``while`` loops (the Triton 3.6 interpreter, with numpy >= 2.4,
+cannot take a runtime range bound; see below), and Triton software-pipelines only ``for`` loops: compiled for sm_90a
+the forward has no async copies, each step loads, then waits for its wgmma. A constexpr switch to
+``tl.range(..., num_stages=...)`` on the GPU (keeping ``while`` under the interpreter) is the likely win; it was not
+made blind, without a GPU to time it.
 """
 
 from __future__ import annotations
