@@ -123,7 +123,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     for name in ("lfn", "dncnn", "dual"):
         assert (out / f"{name}_sigma50.pt").exists()
         assert f"| {name} |" in trained
-    assert "| noisy input |" in trained and "sigma = 50" in trained
+    assert "| noisy input |" in trained and "sigma = 50" in trained and "7x7 uniform window" in trained
     assert main(["denoise", "eval", *common]) == 0
     evaluated = capsys.readouterr().out
     assert all(f"| {name} |" in evaluated for name in ("noisy input", "lfn", "dncnn", "dual"))
@@ -138,11 +138,92 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert record["args"]["resolved"]["steps"] == 2 and record["params"] > 0
 
 
+def test_cli_eval_uses_the_checkpoints_test_set(tmp_path, capsys):
+    out = tmp_path / "quick"
+    fast = ["--steps", "2", "--batch-size", "2", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(["denoise", "train", "--quick", "--seed", "5", "--model", "dncnn,dual", *fast]) == 0
+    trained = capsys.readouterr().out
+    trained_json = json.loads((out / "train_results.json").read_text())
+    assert trained_json["tables"][0]["image_sizes"]["camera"] == [128, 128]  # --quick's crop
+    # eval with no flags: the seed and crop of the checkpoints, so the very same numbers as training printed.
+    assert main(["denoise", "eval", "--out", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err
+    assert "skipping lfn: no checkpoint" in captured.err  # no --model: the model without checkpoints is named
+    evaluated = json.loads((out / "eval_results.json").read_text())
+    assert evaluated["tables"][0]["image_sizes"] == trained_json["tables"][0]["image_sizes"]
+    assert [r["images"] for r in evaluated["tables"][0]["rows"]] == [r["images"] for r in trained_json["tables"][0]
+                                                                    ["rows"]]
+    tail = trained[trained.index("| noisy input |"):]
+    assert tail.strip() in captured.out and "(seed 5)" in captured.out
+    # The same values given explicitly: no warning. Other values: a one-line warning, other numbers.
+    assert main(["denoise", "eval", "--out", str(out), "--model", "dncnn", "--seed", "5", "--quick"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["denoise", "eval", "--out", str(out), "--model", "dncnn", "--seed", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --seed 6 (training used 5)" in err and "different test set" in err
+    assert "--eval-crop" not in err
+    other = json.loads((out / "eval_results.json").read_text())["tables"][0]["rows"][1]
+    assert other["mean_psnr"] != trained_json["tables"][0]["rows"][1]["mean_psnr"]
+    assert main(["denoise", "eval", "--out", str(out), "--model", "dncnn", "--eval-crop", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --eval-crop 64 (training used 128)" in err and len(err.splitlines()) == 2  # + "wrote ..."
+
+
+def test_cli_eval_checkpoints_that_disagree(tmp_path, capsys):
+    fast = ["--steps", "1", "--batch-size", "2", "--patch", "12", "--eval-crop", "8", "--out", str(tmp_path),
+            "--no-progress", "--device", "cpu"]
+    assert main(["denoise", "train", "--model", "lfn", "--seed", "1", *fast]) == 0
+    assert main(["denoise", "train", "--model", "dncnn", "--seed", "2", *fast]) == 0
+    capsys.readouterr()
+    assert main(["denoise", "eval", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "different --seed values" in err and "Traceback" not in err
+    assert main(["denoise", "eval", "--out", str(tmp_path), "--seed", "1"]) == 0
+    assert "warning: --seed 1 (training used 1, 2)" in capsys.readouterr().err
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main(["denoise", "eval", "--model", "lfn", "--out", str(tmp_path)]) == 2
     assert "missing checkpoints" in capsys.readouterr().err
+    assert main(["denoise", "eval", "--out", str(tmp_path)]) == 2
+    assert "missing checkpoints" in capsys.readouterr().err
     assert main(["denoise", "train", "--model", "dual", "--patch", "6", "--out", str(tmp_path)]) == 2
+    assert "--patch > its blur radius 6, got 6" in capsys.readouterr().err
+    assert main(["denoise", "train", "--model", "lfn", "--patch", "400", "--out", str(tmp_path / "x")]) == 2
+    assert "--patch must be <= 172 (the smallest training image side), got 400" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["denoise", "train", "--model", "dncnn", "--patch", "1", "--batch-size", "1", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "needs more than one pixel per batch" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["denoise", "train", "--model", "unet"])
     with pytest.raises(SystemExit):
         main(["denoise", "train", "--sigma", "30"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--eval-crop", "5"], "argument --eval-crop: expected 0 (whole images) or an integer >= 7 (the SSIM window), "
+                           "got '5'"),
+    (["--eval-crop", "-1"], "argument --eval-crop: expected 0 (whole images) or an integer >= 7"),
+    (["--eval-crop", "x"], "argument --eval-crop: expected 0 (whole images) or an integer >= 7"),
+    (["--seed", "-1"], "argument --seed: expected an integer in [0, 9223372036854775807], got '-1'"),
+    (["--seed", "2.5"], "argument --seed: expected an integer in [0, "),
+    (["--seed", str(2**63)], "argument --seed: expected an integer in [0, "),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["--patch", "ten"], "argument --patch: expected an integer >= 1, got 'ten'"),
+])
+def test_cli_bad_numbers(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["denoise", "train", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_accepts_int_spellings():
+    from torch_medloss.__main__ import _parser
+
+    args = _parser().parse_args(["denoise", "eval", "--seed", "00", "--eval-crop", "00", "--steps", "007"])
+    assert args.seed == 0 and args.eval_crop == 0 and args.steps == 7
+    assert _parser().parse_args(["denoise", "eval"]).seed is None  # not given: eval takes the checkpoints' seed

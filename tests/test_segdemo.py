@@ -207,6 +207,33 @@ def test_evaluate_perfect_prediction(brain):
     assert r["dice"] == [1.0] * 5 and r["lesion"]["f1"] == 1.0 and r["hd95"][1:] == [0.0] * 4
 
 
+def test_evaluate_hd95_mean_over_images_with_the_class():
+    from torch_medloss.segdemo import report
+
+    # Three 6x6 images, 5 classes (4 = lesion). Class 1: image 0 has a predicted point at (1, 1) and a true one at
+    # (4, 5), HD95 = hypot(3, 4) = 5; image 1 has class 1 on neither side (left out, not a 0); image 2 has it only
+    # in the target, HD95 = the grid diagonal hypot(5, 5). Mean over the 2 images with class 1: (5 + sqrt 50) / 2,
+    # not (5 + 0 + sqrt 50) / 3. Classes 2 and 3 are nowhere: NaN. The lesion is in image 1 only, predicted
+    # exactly: 0 over that one image.
+    pred = np.zeros((3, 6, 6), np.int64)
+    target = np.zeros_like(pred)
+    pred[0, 1, 1] = 1
+    target[0, 4, 5] = 1
+    target[2, 2, 2] = 1
+    pred[1, 3:5, 3:5] = target[1, 3:5, 3:5] = 4
+    r = metrics.evaluate(pred, target, 5, 4, (1.0, 1.0))
+    assert r["hd95"][1] == pytest.approx((5 + math.sqrt(50)) / 2)
+    assert math.isnan(r["hd95"][0]) and math.isnan(r["hd95"][2]) and math.isnan(r["hd95"][3])
+    assert r["hd95"][4] == 0.0
+    # Spacing scales the distances; the NaN stays NaN and the table shows it as "-".
+    r2 = metrics.evaluate(pred, target, 5, 4, (2.0, 2.0))
+    assert r2["hd95"][1] == pytest.approx(5 + math.sqrt(50))
+    summary = report.summarize([r, r2])
+    assert math.isnan(summary["hd95"]["GM"]["mean"])
+    row = report.markdown_table({"ce": summary}, {"ce": "CE"}).splitlines()[-1].split(" | ")
+    assert row[-3:-1] == ["-", "-"] and row[-1] == "0.0 ± 0.0 |"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The U-Net
 
@@ -252,6 +279,29 @@ def test_tiny_training_loss_falls(brain, loss_key):
     assert pred.shape == batch[1][:, 0].shape
 
 
+def test_training_batches_are_lazy_and_the_same_for_every_loss(brain):
+    from torch_medloss.segdemo import data, train
+
+    rng = np.random.default_rng(7)
+    eager = [data.training_batch(brain, rng, 2, 2, 24) for _ in range(3)]  # how the CLI drew them before
+    for _ in range(2):  # every call (every loss) yields the same stream
+        lazy = data.training_batches(brain, 7, 3, 2, 2, 24)
+        assert not isinstance(lazy, list)
+        got = list(lazy)
+        assert len(got) == 3
+        for (x, y), (ex, ey) in zip(got, eager, strict=True):
+            assert np.array_equal(x, ex) and np.array_equal(y, ey)
+    cpu = torch.device("cpu")
+    _, from_list = train.train_one("ce", eager, 0, 2, 3e-3, cpu)
+    _, from_generator = train.train_one("ce", data.training_batches(brain, 7, 3, 2, 2, 24), 0, 2, 3e-3, cpu,
+                                        steps=3)
+    assert from_list == from_generator
+    with pytest.raises(TypeError, match="give steps"):
+        train.train_one("ce", iter(eager), 0, 2, 3e-3, cpu)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        train.train_one("ce", eager, 0, 2, 3e-3, cpu, steps=0)
+
+
 def test_parse_losses():
     from torch_medloss.segdemo import train
 
@@ -283,7 +333,50 @@ def test_cli_end_to_end(tmp_path):
     assert set(payload["summary"]) == {"ce", "pmdice2"} and payload["settings"]["steps"] == 2
     table = (out / "segdemo.md").read_text()
     assert "| PM Dice g=2 |" in table and "HD95 lesion (mm)" in table
+    assert "where the class is in the prediction or the target" in table
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "segdemo.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
+    (["--lr=-1e-3"], "argument --lr: expected a finite number > 0"),
+    (["--lr", "nan"], "argument --lr: expected a finite number > 0"),
+    (["--lr", "inf"], "argument --lr: expected a finite number > 0"),
+    (["--lr", "fast"], "argument --lr: expected a finite number > 0, got 'fast'"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["--seeds", "two"], "argument --seeds: expected an integer >= 1, got 'two'"),
+    (["--threads", "-2"], "argument --threads: expected an integer >= 1"),
+    (["--patch", "1.5"], "argument --patch: expected an integer >= 9"),
+    (["--patch", "8"], "argument --patch: expected an integer >= 9 (the U-Net's 3 down-samplings need more than 8 "
+                       "voxels), got '8'"),
+])
+def test_cli_bad_numbers(argv, message, capsys):
+    from torch_medloss.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segdemo", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_bad_device(tmp_path, capsys):
+    from torch_medloss.__main__ import main
+
+    bad = ["bogus", "meta", "cuda:x"]
+    if torch.cuda.is_available():
+        bad.append(f"cuda:{torch.cuda.device_count()}")
+    else:
+        bad += ["cuda", "cuda:0"]
+    for device in bad:
+        out = tmp_path / device.replace(":", "_")
+        assert main(["segdemo", "--device", device, "--out", str(out), "--no-progress"]) == 2, device
+        err = capsys.readouterr().err
+        assert "--device" in err and "Traceback" not in err, err
+        assert not out.exists()  # refused up front: no folder, no data loaded
+    if not torch.cuda.is_available():
+        assert main(["segdemo", "--device", "cuda", "--out", str(tmp_path / "c")]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err

@@ -3,8 +3,12 @@
 ``train`` trains each chosen model at each sigma the same way (torch_medloss.denoise.train), saves
 ``<out>/<model>_sigma<sigma>.pt`` (weights, constructor arguments, the command's arguments, training time and
 losses), evaluates on the held-out images and writes the table to ``<out>/train_results.md`` and ``.json``.
-``eval`` loads those checkpoints and writes ``<out>/eval_results.md`` and ``.json``. Both tables have a row for the
-noisy input. Exit status: 0, or 2 for a usage problem (no CUDA for --device cuda, missing checkpoints).
+``eval`` loads those checkpoints and writes ``<out>/eval_results.md`` and ``.json``; its test set (the seed of the
+test noise and the eval crop) is the one the checkpoints were trained and scored with unless --seed, --eval-crop or
+--quick say otherwise, and then a warning on stderr says the scores are on a different test set. Without --model,
+models lacking a checkpoint for a chosen sigma are skipped, named on stderr. Both tables have a row for the noisy
+input. Exit status: 0, or 2 for a usage problem (no CUDA for --device cuda, missing checkpoints, a patch or crop
+size the data or a model cannot take, checkpoints trained on different test sets).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ SIGMAS = (15.0, 25.0, 50.0, 75.0)
 # (steps, batch size, patch side, test crop side) of --quick and of the full run (the latter sized for a GPU).
 QUICK = (40, 8, 32, 128)
 FULL = (20000, 64, 40, 0)
+SSIM_WINDOW = 7  # scikit-image's structural_similarity window side: a test image (crop) must be at least this big
+SEED_MAX = 2**63 - 1
 
 DESCRIPTION = (
     "Train and evaluate denoisers (DnCNN, Lattice Fusion Network, twin frequency denoiser) on scikit-image's "
@@ -48,18 +54,34 @@ def _sigmas(text: str) -> list[float]:
     return values
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, minimum: int, expected: str) -> int:
+    """int(text) when it is >= minimum, else argparse's error naming what was expected (int() rules: "00", "+3")."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
-def _nonnegative(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive(text)
+def _positive(text: str) -> int:
+    return _integer(text, 1, "an integer >= 1")
+
+
+def _seed(text: str) -> int:
+    value = _integer(text, 0, f"an integer in [0, {SEED_MAX}]")
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {text!r}")
+    return value
+
+
+def _crop(text: str) -> int:
+    expected = f"0 (whole images) or an integer >= {SSIM_WINDOW} (the SSIM window)"
+    value = _integer(text, 0, expected)
+    if 0 < value < SSIM_WINDOW:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,15 +98,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive,
                         help=f"patches per step (default {FULL[1]}; --quick {QUICK[1]})")
     parser.add_argument("--patch", type=_positive, help=f"patch side in pixels (default {FULL[2]}; --quick {QUICK[2]})")
-    parser.add_argument("--eval-crop", type=_nonnegative, metavar="N",
-                        help="evaluate on centred N x N crops of the test images, 0 for whole images "
-                        f"(default 0; --quick {QUICK[3]})")
+    parser.add_argument("--eval-crop", type=_crop, metavar="N",
+                        help=f"evaluate on centred N x N crops of the test images (N >= {SSIM_WINDOW}), 0 for whole "
+                        f"images (default 0; --quick {QUICK[3]}; eval: the checkpoints' value)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto (default): cuda when available")
     parser.add_argument("--out", default="denoise_out", metavar="DIR",
                         help="checkpoints and tables go here (default ./denoise_out)")
-    parser.add_argument("--seed", type=_nonnegative, default=0,
-                        help="seed (>= 0) of the weights, patches and noise (default 0)")
+    parser.add_argument("--seed", type=_seed,
+                        help="seed (>= 0) of the weights, patches and test noise (default 0; eval: the checkpoints' "
+                        "seed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -95,11 +118,46 @@ def _settings(args: argparse.Namespace) -> dict:
     models = [] if args.model is None else list(dict.fromkeys(n for group in args.model for n in group))
     sigmas = [25.0] if args.sigma is None else list(dict.fromkeys(s for group in args.sigma for s in group))
     return {"steps": steps, "batch_size": batch, "patch": patch, "eval_crop": crop or None,
-            "models": models, "sigmas": sigmas}
+            "seed": 0 if args.seed is None else args.seed, "models": models, "sigmas": sigmas}
 
 
 def checkpoint_path(out: Path, model: str, sigma: float) -> Path:
     return out / f"{model}_sigma{sigma:g}.pt"
+
+
+def _recorded(record: dict) -> dict:
+    """The seed and eval crop (None: whole images) a checkpoint's training run evaluated with."""
+    args = record.get("args", {})
+    resolved = args.get("resolved", {})
+    return {"seed": resolved.get("seed", args.get("seed", 0)), "eval_crop": resolved.get("eval_crop") or None}
+
+
+def _test_set_of_checkpoints(args: argparse.Namespace, settings: dict, records: dict) -> str | None:
+    """eval: set settings["seed"] and settings["eval_crop"] to the checkpoints' values unless given on the command
+    line (then warn on stderr when they differ); returns an error message when the checkpoints disagree."""
+    given = {"seed": args.seed, "eval_crop": settings["eval_crop"] if args.eval_crop is not None or args.quick
+             else None}
+    explicit = {"seed": args.seed is not None, "eval_crop": args.eval_crop is not None or args.quick}
+    flags = {"seed": "--seed", "eval_crop": "--eval-crop"}
+    differing = []
+    for key, flag in flags.items():
+        values = {(m, s): _recorded(record)[key] for (m, s), record in records.items()}
+        distinct = set(values.values())
+        if not explicit[key]:
+            if len(distinct) > 1:
+                listing = ", ".join(f"{m} sigma {s:g}: {v or 0}" for (m, s), v in values.items())
+                return (f"denoise eval: the checkpoints were trained with different {flag} values ({listing}); "
+                        f"give {flag} (or --model/--sigma) to choose the test set")
+            settings[key] = distinct.pop()
+        else:
+            settings[key] = given[key]
+            if distinct != {given[key]}:
+                recorded = ", ".join(str(v or 0) for v in sorted(distinct, key=lambda v: v or 0))
+                differing.append(f"{flag} {given[key] or 0} (training used {recorded})")
+    if differing:
+        print(f"denoise eval: warning: {'; '.join(differing)}: the scores are on a different test set than training "
+              "reported", file=sys.stderr)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,39 +173,64 @@ def run(args: argparse.Namespace) -> int:
                           else "cpu")
     settings = _settings(args)
     out = Path(args.out)
-    recorded_args = {k: v for k, v in vars(args).items() if k != "run"} | {"resolved": settings}
+    models = settings["models"] or list(MODELS)
+    records: dict = {}
 
     if args.action == "train":
-        models = settings["models"] or list(MODELS)
-        if "dual" in models:
-            from torch_medloss.models.dual_frequency import DualFrequencyDenoiser
-
-            radius = DualFrequencyDenoiser().radius
-            if settings["patch"] <= radius or (settings["eval_crop"] or radius + 1) <= radius:
-                print(f"denoise: the dual model needs --patch and --eval-crop > its blur radius {radius}",
-                      file=sys.stderr)
-                return 2
-        out.mkdir(parents=True, exist_ok=True)
+        smallest = data.smallest_side()
+        if settings["patch"] > smallest:
+            print(f"denoise: --patch must be <= {smallest} (the smallest training image side), got "
+                  f"{settings['patch']}", file=sys.stderr)
+            return 2
+        if "dncnn" in models and settings["batch_size"] * settings["patch"] ** 2 < 2:
+            print("denoise: the dncnn model (batch normalisation) needs more than one pixel per batch: --patch or "
+                  "--batch-size > 1", file=sys.stderr)
+            return 2
+        built = [(m, {}) for m in models]
     else:
-        wanted = settings["models"] or list(MODELS)
-        found = {(m, s): checkpoint_path(out, m, s) for m in wanted for s in settings["sigmas"]}
-        missing = [str(p) for p in found.values() if not p.exists()]
-        if settings["models"] and missing or len(missing) == len(found):
-            print(f"denoise eval: missing checkpoints {', '.join(missing)}; run `denoise train` with the same --out, "
+        found = {(m, s): checkpoint_path(out, m, s) for m in models for s in settings["sigmas"]}
+        missing = {m: [str(p) for (n, _), p in found.items() if n == m and not p.exists()] for m in models}
+        available = [m for m in models if not missing[m]]
+        if settings["models"] and any(missing.values()) or not available:
+            paths = [p for m in models for p in missing[m]]
+            print(f"denoise eval: missing checkpoints {', '.join(paths)}; run `denoise train` with the same --out, "
                   "--model and --sigma first", file=sys.stderr)
             return 2
-        models = [m for m in wanted if all(found[m, s].exists() for s in settings["sigmas"])]
+        for m in models:
+            if missing[m]:
+                print(f"denoise eval: skipping {m}: no checkpoint {', '.join(missing[m])}", file=sys.stderr)
+        models = available
+        records = {(m, s): torch.load(found[m, s], map_location="cpu", weights_only=True)
+                   for m in models for s in settings["sigmas"]}
+        error = _test_set_of_checkpoints(args, settings, records)
+        if error:
+            print(error, file=sys.stderr)
+            return 2
+        built = [(record["model"], record["kwargs"]) for record in records.values()]
+    for name, kwargs in built:  # the twin frequency denoiser blurs with a finite kernel: images must be wider
+        radius = getattr(train.build_model(name, kwargs), "radius", None)
+        sizes = [("--eval-crop", settings["eval_crop"])] + ([("--patch", settings["patch"])]
+                                                           if args.action == "train" else [])
+        for flag, size in sizes:
+            if radius is not None and size is not None and size <= radius:
+                print(f"denoise: the {name} model needs {flag} > its blur radius {radius}, got {size}",
+                      file=sys.stderr)
+                return 2
+    if args.action == "train":
+        out.mkdir(parents=True, exist_ok=True)
+    seed = settings["seed"]
+    recorded_args = {k: v for k, v in vars(args).items() if k != "run"} | {"resolved": settings}
 
-    config = train.TrainConfig(settings["steps"], settings["batch_size"], settings["patch"], args.seed)
+    config = train.TrainConfig(settings["steps"], settings["batch_size"], settings["patch"], seed)
     tables = []
     for sigma in settings["sigmas"]:
-        images = data.test_set(sigma, args.seed, settings["eval_crop"])
+        images = data.test_set(sigma, seed, settings["eval_crop"])
         rows = [report.row("noisy input", metrics.evaluate(None, images, device))]
         for name in models:
             if args.action == "train":
-                torch.manual_seed(args.seed)
+                torch.manual_seed(seed)
                 model = train.build_model(name)
-                sampler = data.PatchSampler(sigma, config.patch, config.batch_size, args.seed)
+                sampler = data.PatchSampler(sigma, config.patch, config.batch_size, seed)
                 log = train.train_model(model, sampler, config, device, label=f"{name} sigma={sigma:g}",
                                         progress=not args.no_progress)
                 record = {"model": name, "kwargs": {}, "sigma": sigma, "args": recorded_args,
@@ -156,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
                           "device": str(device), "torch": str(torch.__version__)}
                 torch.save(record, checkpoint_path(out, name, sigma))
             else:
-                record = torch.load(checkpoint_path(out, name, sigma), map_location="cpu", weights_only=True)
+                record = records[name, sigma]
                 model = train.build_model(record["model"], record["kwargs"])
                 model.load_state_dict(record["state_dict"])
                 model.to(device)
@@ -165,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         tables.append({"sigma": sigma, "image_sizes": {i.name: list(i.clean.shape[-2:]) for i in images},
                        "rows": rows})
     env = report.environment(device)
-    title = f"denoise {args.action}: " + ", ".join(models) + f" (seed {args.seed})"
+    title = f"denoise {args.action}: " + ", ".join(models) + f" (seed {seed})"
     text = report.markdown(tables, env, title)
     print(text)
     md, js = report.write(out, f"{args.action}_results", tables, env, recorded_args, text)

@@ -34,6 +34,11 @@ def load_image(name: str) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+def smallest_side(images: tuple[str, ...] = TRAIN_IMAGES) -> int:
+    """The shortest side, in pixels, among images: the largest training patch side PatchSampler accepts."""
+    return min(min(load_image(name).shape) for name in images)
+
+
 def add_noise(clean: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
     """clean + N(0, (sigma / 255)^2), drawn from generator (on clean's device is not required: drawn on the CPU)."""
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32) * (sigma / 255.0)

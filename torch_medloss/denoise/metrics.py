@@ -1,4 +1,9 @@
-"""PSNR and SSIM of denoised images (data range 1), computed on outputs clipped to [0, 1]."""
+"""PSNR and SSIM of denoised images (data range 1), computed on outputs clipped to [0, 1].
+
+SSIM is scikit-image's ``structural_similarity`` with its defaults: a 7x7 uniform window, not the 11x11 Gaussian
+window (sigma 1.5) of Wang et al. that most denoising papers report, so the values are not directly comparable with
+published SSIMs (the tables say so). Images must be at least 7x7.
+"""
 
 from __future__ import annotations
 

@@ -50,7 +50,9 @@ def markdown(tables: list[dict], env: dict, title: str) -> str:
         names = list(table["image_sizes"])
         sizes = ", ".join(f"{n} {h}x{w}" for n, (h, w) in table["image_sizes"].items())
         lines += [f"### sigma = {table['sigma']:g} (on [0, 255])", "",
-                  f"PSNR (dB) / SSIM of outputs clipped to [0, 1] on the held-out images ({sizes}).", "",
+                  f"PSNR (dB) / SSIM of outputs clipped to [0, 1] on the held-out images ({sizes}). SSIM: "
+                  "scikit-image's structural_similarity with its 7x7 uniform window, not the 11x11 Gaussian "
+                  "window (sigma 1.5) of most papers: not directly comparable with published SSIMs.", "",
                   "| model | params | steps | train time (s) | " + " | ".join(names) + " | mean |",
                   "|---|---:|---:|---:|" + "---:|" * (len(names) + 1)]
         for r in table["rows"]:

@@ -2,8 +2,9 @@
 
 Optimizer: Adam (betas 0.9, 0.999) on the MSE between ``model(noisy)`` and the clean patch (for the residual models
 that is DnCNN's loss on the predicted noise). Learning rate: cosine decay from ``lr`` (1e-3) at step 0 to
-``lr_min`` (1e-5) at the last step, ``lr_t = lr_min + (lr - lr_min) (1 + cos(pi t / steps)) / 2``: no tuning per
-model, a high rate early for a short run and a small one at the end so the last weights are not mid-jump.
+``lr_min`` (1e-5) at the last step t = steps - 1 (exactly), ``lr_t = lr_min + (lr - lr_min) (1 + cos(pi t /
+(steps - 1))) / 2`` for t = 0 .. steps - 1 (a single step uses ``lr``): no tuning per model, a high rate early for
+a short run and a small one at the end so the last weights are not mid-jump.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class TrainConfig:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """The cosine schedule of the module docstring (step 0 -> lr, step steps - 1 -> ~lr_min)."""
+    """The cosine schedule of the module docstring (step 0 -> lr, step steps - 1 -> lr_min)."""
     fraction = step / max(config.steps - 1, 1)
     return config.lr_min + (config.lr - config.lr_min) * 0.5 * (1.0 + math.cos(math.pi * fraction))
 

@@ -11,6 +11,7 @@ the ground truth and each loss's prediction for the first seed). Heavy imports h
 from __future__ import annotations
 
 import argparse
+import math
 
 DESCRIPTION = (
     "Compare the losses (CE, balanced CE, DBCE R=2 and 4, Dice, Dice+CE, focal, PM Dice gamma 1 and 2) on a small "
@@ -21,13 +22,59 @@ DESCRIPTION = (
 # --quick: every loss, one seed, short training (under 4 minutes on a busy 2-core CPU).
 QUICK = {"steps": 30, "seeds": 1, "batch_size": 4, "patch": 48}
 DEFAULT = {"steps": 1000, "seeds": 3, "batch_size": 8, "patch": 64}
+MIN_PATCH = 9
+
+
+def _at_least(text: str, minimum: int, why: str = "") -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}{why}, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return _at_least(text, 1)
+
+
+def _patch(text: str) -> int:
+    # The U-Net (depth 3) needs more than one voxel at its bottleneck: some axis longer than 2**3.
+    return _at_least(text, MIN_PATCH, " (the U-Net's 3 down-samplings need more than 8 voxels)")
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def _device(text: str):
+    """The torch.device of --device ("auto": cuda when available), or an error message (str) for the CLI."""
+    import torch
+
+    expected = "expected auto, cpu, cuda or cuda:N"
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        return f"segdemo: --device: {expected}, got {text!r}"
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        return f"segdemo: --device: {expected}, got {text!r}"
+    if not torch.cuda.is_available():
+        return f"segdemo: --device {text}, but torch sees no CUDA device"
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"segdemo: --device {text}, but torch sees {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+    return device
 
 
 def _losses(text: str) -> list[str]:
@@ -47,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"optimiser steps per run (default {DEFAULT['steps']}, {QUICK['steps']} with --quick)")
     parser.add_argument("--batch-size", type=_positive,
                         help="images per step (default 8 in 2D, 4 with --quick, 2 in 3D)")
-    parser.add_argument("--patch", type=_positive,
-                        help="training crop size (default 64 in 2D, 48 with --quick, 24 in 3D)")
+    parser.add_argument("--patch", type=_patch,
+                        help=f"training crop size, >= {MIN_PATCH} (default 64 in 2D, 48 with --quick, 24 in 3D)")
     parser.add_argument("--losses", type=_losses, metavar="LOSSES",
                         help="comma-separated subset of ce, bce, dbce2, dbce4, dice, dicece, focal, pmdice1, "
                         "pmdice2 (default: all)")
@@ -56,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"number of seeds 0..N-1 (default {DEFAULT['seeds']}, {QUICK['seeds']} with --quick)")
     parser.add_argument("--dim", type=int, choices=[2, 3], default=2, help="2 (axial slices, default) or 3 (patches)")
     parser.add_argument("--resolution", type=int, choices=[1, 2], default=2, help="template resolution in mm")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    parser.add_argument("--lr", type=_learning_rate, default=3e-3, help="Adam learning rate, > 0 (default 3e-3)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1")
     parser.add_argument("--threads", type=_positive,
                         help="CPU threads for torch (default: torch's own choice); 1 is much faster on a CPU that "
@@ -84,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (base["batch_size"] if args.dim == 2 else 2)
     patch = args.patch or (base["patch"] if args.dim == 2 else 24)
     keys = args.losses or list(train.LOSSES)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = _device(args.device)
+    if isinstance(device, str):
+        print(device, file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -107,12 +156,13 @@ def run(args: argparse.Namespace) -> int:
     histories: dict[str, list[list[float]]] = {k: [] for k in keys}
     first_preds: dict[str, np.ndarray] = {}
     for seed in seeds:
-        rng = np.random.default_rng(seed)
-        batches = [data.training_batch(brain, rng, batch_size, args.dim, patch) for _ in range(steps)]
         for key in keys:
             name = train.LOSSES[key][0]
+            # Drawn lazily, from a generator re-created for every loss: each loss sees the same batches.
+            batches = data.training_batches(brain, seed, steps, batch_size, args.dim, patch)
             model, history = train.train_one(key, batches, seed, args.dim, args.lr, device,
-                                             lambda step, loss, n=f"{name} seed {seed}": progress.update(n, loss))
+                                             lambda step, loss, n=f"{name} seed {seed}": progress.update(n, loss),
+                                             steps=steps)
             pred = train.predict(model, test_x, device, chunk=8 if args.dim == 2 else 1)
             per_seed[key].append(metrics.evaluate(pred, test_y[:, 0], len(data.CLASSES), data.LESION, spacing))
             histories[key].append(history)
@@ -137,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
               f"(patch {patch}), seeds {seeds}, lr {args.lr}, device {device}, torch {torch.__version__}; "
               f"{settings['test_images']} test images with {settings['test_lesions']} lesions; {elapsed:.0f} s.\n"
               "Mean ± sample std over seeds. Dice and lesion counts pooled over the test set; HD95 in mm, mean over "
-              "test images (one-sided empty = image diagonal).\n")
+              "the test images where the class is in the prediction or the target (- where in none; one-sided "
+              "empty = image diagonal).\n")
     (out / "segdemo.md").write_text(header + "\n" + table + "\n")
     report.write_json(out / "segdemo.json", {
         "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"), "settings": settings,

@@ -13,8 +13,10 @@ Labels (``CLASSES``), from the maps, documented thresholds:
 Volumes are stored axial-first, (Z, Y, X) with anterior up, cropped in-plane to a fixed box around the brain.
 Training and test regions are disjoint slabs of axial slices: the test slab is ``TEST_SLICES`` slices starting at
 ``TEST_START_FRACTION`` of the brain's axial extent (at the level of the lateral ventricles); ``GAP`` slices on
-each side belong to neither; training uses every other brain slice with enough white matter for lesions
-(``MIN_WM_VOXELS``). A 3D training patch lies entirely inside one training slab.
+each side belong to neither. The brain slices below and above those form the two training slabs, each trimmed at
+its ends to run from its first to its last slice with enough white matter for lesions (``MIN_WM_VOXELS``); 2D
+training uses every slice of the training slabs (``Brain.train_slices``). A 3D training patch lies entirely inside
+one training slab.
 
 Every sample (training crop, test slice or test volume) gets its own lesions: small ellipsoids (radii drawn per
 axis in [``r_min``, ``r_max``] voxels, random orientation) centred on white-matter voxels, cut to the white matter
@@ -25,6 +27,7 @@ the small-lesion imbalance of MS lesion tasks. nilearn and nibabel are imported 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,6 +216,15 @@ def training_batch(brain: Brain, rng: np.random.Generator, batch_size: int, dim:
         images.append(img[None])
         labels.append(lab[None])
     return np.stack(images), np.stack(labels)
+
+
+def training_batches(brain: Brain, seed: int, steps: int, batch_size: int, dim: int,
+                     patch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``steps`` training batches (:func:`training_batch`) drawn lazily from ``np.random.default_rng(seed)``: only one
+    batch is in memory at a time, and every call with the same arguments yields the same batches."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        yield training_batch(brain, rng, batch_size, dim, patch)
 
 
 def test_set(brain: Brain, dim: int, repeats: int = 2, seed: int = 12345,

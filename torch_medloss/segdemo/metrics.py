@@ -15,9 +15,16 @@ HD95 (:func:`hd95`): the symmetric 95th-percentile Hausdorff distance between th
 ``spacing``; spacing 1 gives voxels). The surface of a mask is the mask minus its erosion by the face-connected
 cross (border voxels of the array count as surface). For each surface voxel of A the Euclidean distance to the
 nearest surface voxel of B (exact distance transform), and vice versa; HD95 = max(95th percentile A->B, 95th
-percentile B->A) (numpy's linear interpolation), as MONAI's and medpy's hd95. Empty conventions: both empty gives
-0; exactly one empty gives the diagonal of the image grid in mm (the largest distance possible in the image), a
-finite worst-case penalty, so that means over a test set stay finite and a missed class is penalised.
+percentile B->A) (numpy's linear interpolation), as MONAI's ``compute_hausdorff_distance(percentile=95)``, which
+it matches. medpy's ``hd95`` differs: it pools the distances of both directions before taking one 95th
+percentile, so its value (about between the two directed percentiles) can be smaller than this one. Empty
+conventions: both empty gives 0; exactly one empty gives the diagonal of the image grid in mm (the largest distance
+possible in the image), a finite worst-case penalty, so that means over a test set stay finite and a missed class is
+penalised.
+Over a test set (:func:`evaluate`), HD95 of a class is the mean over the images where the class is present in the
+prediction or the target: an image without the class on either side (HD95 0 by the convention above) is left out
+rather than counted as a perfect 0, which would pull the mean down for classes missing from some images; NaN when
+no image has the class on either side (shown as "-" in the tables).
 """
 
 from __future__ import annotations
@@ -95,15 +102,20 @@ def hd95(pred_mask: np.ndarray, true_mask: np.ndarray, spacing: tuple[float, ...
 def evaluate(pred: np.ndarray, target: np.ndarray, num_classes: int, lesion_class: int,
              spacing: tuple[float, ...]) -> dict:
     """All metrics over a test set of label maps (N, *S): pooled Dice per class, pooled lesion detection counts and
-    F1, and HD95 per class averaged over the N images (foreground classes only; background is the complement)."""
+    F1, and HD95 per class averaged over the images where the class is in the prediction or the target (NaN if in
+    none; foreground classes only, background's entry is NaN: it is the complement)."""
     counts = np.zeros((num_classes, 3), np.int64)
     det = {"true": 0, "detected": 0, "pred": 0, "hits": 0}
-    hd = np.zeros((len(pred), num_classes - 1))
-    for i, (p, t) in enumerate(zip(pred, target, strict=True)):
+    hd_sum = np.zeros(num_classes)
+    hd_images = np.zeros(num_classes, np.int64)
+    for p, t in zip(pred, target, strict=True):
         counts += dice_counts(p, t, num_classes)
         for k, v in lesion_counts(p == lesion_class, t == lesion_class).items():
             det[k] += v
         for c in range(1, num_classes):
-            hd[i, c - 1] = hd95(p == c, t == c, spacing)
-    return {"dice": dice_from_counts(counts).tolist(), "lesion": {**det, **f1_from_counts(det)},
-            "hd95": [float("nan")] + hd.mean(axis=0).tolist()}
+            p_c, t_c = p == c, t == c
+            if p_c.any() or t_c.any():
+                hd_sum[c] += hd95(p_c, t_c, spacing)
+                hd_images[c] += 1
+    hd = [float(hd_sum[c] / hd_images[c]) if c and hd_images[c] else float("nan") for c in range(num_classes)]
+    return {"dice": dice_from_counts(counts).tolist(), "lesion": {**det, **f1_from_counts(det)}, "hd95": hd}

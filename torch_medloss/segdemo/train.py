@@ -18,13 +18,14 @@ pmdice2    ``PMDiceLoss(gamma=2.0, to_onehot_y=True, softmax=True)``
 
 Training: Adam (lr ``lr``, default 3e-3), polynomial decay lr * (1 - step / steps)^0.9 (nnU-Net's), no weight
 decay; the model is initialised from ``torch.manual_seed(seed)`` and the batches come from
-``np.random.default_rng(seed)``, drawn once per seed and reused for every loss.
+``np.random.default_rng(seed)`` (torch_medloss.segdemo.data.training_batches), drawn lazily during training from a
+generator re-created for every loss, so that every loss sees the same batches with one batch in memory at a time.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sized
 
 import numpy as np
 import torch
@@ -59,20 +60,26 @@ def make_model(dim: int, num_classes: int = 5) -> torch.nn.Module:
     return UNet(in_channels=1, num_classes=num_classes, spatial_dims=dim, base_channels=16, depth=3)
 
 
-def train_one(loss_key: str, batches: list[tuple[np.ndarray, np.ndarray]], seed: int, dim: int, lr: float,
-              device: torch.device, progress: Callable[[int, float], None] | None = None) -> tuple[torch.nn.Module,
-                                                                                                     list[float]]:
+def train_one(loss_key: str, batches: Iterable[tuple[np.ndarray, np.ndarray]], seed: int, dim: int, lr: float,
+              device: torch.device, progress: Callable[[int, float], None] | None = None,
+              steps: int | None = None) -> tuple[torch.nn.Module, list[float]]:
     """Train a fresh U-Net with one loss on the given batches (one optimiser step each); returns it and the
-    per-step loss values."""
+    per-step loss values. ``batches``: a sequence, or any iterable (a generator: drawn as training goes) with
+    ``steps`` its length (the learning-rate schedule's horizon); at most ``steps`` batches are used."""
+    if steps is None:
+        if not isinstance(batches, Sized):
+            raise TypeError("train_one: give steps when batches is an iterator (it has no len())")
+        steps = len(batches)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"train_one: steps must be an integer >= 1, got {steps!r}")
     torch.manual_seed(seed)
     model = make_model(dim).to(device)
     loss_fn = LOSSES[loss_key][1]()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = len(batches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / steps) ** 0.9)
     history = []
     model.train()
-    for step, (x, y) in enumerate(batches):
+    for step, (x, y) in zip(range(steps), batches, strict=False):
         x = torch.from_numpy(x).to(device)
         y = torch.from_numpy(y).to(device)
         opt.zero_grad(set_to_none=True)
