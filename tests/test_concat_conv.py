@@ -262,10 +262,12 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 
 def test_float64_is_a_fusion_blocker_where_triton_could_run(monkeypatch):
-    """With the interpreter on (and the Triton backend available), float64 "auto" warns once and runs the reference;
-    a named "triton" raises. tests/test_concat_conv_triton.py checks the same with the real kernels module."""
+    """Where "auto" would run Triton (as on a GPU: faked here by putting Triton first in the CPU order, with the
+    interpreter on), float64 "auto" warns once and runs the reference; a named "triton" raises.
+    tests/test_concat_conv_triton.py checks the same with the real kernels module."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_backend, "why_unavailable", lambda backend, device: None)
+    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("triton", "cpp", "reference"))
     monkeypatch.setattr(_backend, "_warned", set())
     inputs, weight, bias = (t.double() if isinstance(t, torch.Tensor) else [x.double() for x in t] for t in _good())
     with warnings.catch_warnings(record=True) as caught:

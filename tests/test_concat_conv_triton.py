@@ -280,12 +280,17 @@ def test_triton_interpreted_tiles_splits_determinism_and_front_end():
         compare("ConcatConv2d triton grad weight", module.weight.grad, module_ref.weight.grad, **FP32)
         compare("ConcatConv2d triton grad bias", module.bias.grad, module_ref.bias.grad, **FP32)
 
-        # 6. float64: "auto" warns once and runs the reference; a named "triton" raises; so does the op itself.
+        # 6. float64: where "auto" would run Triton (as on a GPU: Triton first in the CPU order here), it warns once
+        #    and runs the reference; a named "triton" raises; so does the op itself.
+        from torch_medloss import _backend
         doubles = [x.double() for x in inputs]
+        cpu_order = _backend._AUTO_ORDER["cpu"]
+        _backend._AUTO_ORDER["cpu"] = ("triton", *cpu_order)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = concat_conv2d(doubles, weight.double(), b.double())
             concat_conv2d(doubles, weight.double(), b.double())
+        _backend._AUTO_ORDER["cpu"] = cpu_order
         if len(caught) != 1 or "float64" not in str(caught[0].message):
             FAILURES.append(f"float64 auto: expected one warning on float64, got {[str(w.message) for w in caught]}")
         compare("float64 auto", got, reference(doubles, weight.double(), b.double(), 1, False), rtol=1e-12, atol=1e-12)

@@ -82,15 +82,16 @@ def resolve(op: str, backend: str, device: torch.device, declared: Iterable[str]
         device: the device of the op's tensors.
         declared: the backends this op has an implementation for.
         blocker: why this call's options cannot run fused (e.g. an arbitrary ``other_act``), or None. It rules out
-            every backend but the reference: "auto" falls back with one warning, a named backend raises.
+            every backend but the reference: a named backend raises; "auto" falls back with one warning where it
+            would otherwise have picked a fused backend, and otherwise says (as without a blocker) why none can run.
     """
     declared = tuple(declared)
     if blocker is not None and backend != "reference":
         if backend != "auto":
             raise ValueError(f"backend={backend!r} cannot run {op}: {blocker}.")
-        if any(name != "reference" for name in declared):
+        if _first_runnable(declared, device) != "reference":
             _warn_once(op, "fused", blocker)
-        return "reference"
+            return "reference"
     if backend != "auto":
         if backend not in declared:
             raise ValueError(f"{op} has no {backend!r} backend (it has: {', '.join(declared)}).")
@@ -105,6 +106,14 @@ def resolve(op: str, backend: str, device: torch.device, declared: Iterable[str]
         if reason is None:
             return candidate
         _warn_once(op, candidate, reason)
+    return "reference"
+
+
+def _first_runnable(declared: tuple[str, ...], device: torch.device) -> str:
+    """What "auto" would pick for ``device``, without warning."""
+    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        if candidate in declared and why_unavailable(candidate, device) is None:
+            return candidate
     return "reference"
 
 

@@ -72,10 +72,9 @@ def concat_conv2d(
     _check_output_size(inputs[0], weight.shape[-1], padding)
     relu = _check_activation(activation)
     backend = _backend.check_backend_name(backend)
-    # float64 is a fusion blocker where the Triton kernels could otherwise run: "auto" falls back with one warning.
-    blocker = None
-    if inputs[0].dtype == torch.float64 and _backend.why_unavailable("triton", inputs[0].device) is None:
-        blocker = "the Triton kernels take float32, bfloat16 or float16, not float64"
+    # float64 is a fusion blocker: "auto" falls back with one warning where it would otherwise run Triton.
+    blocker = "the Triton kernels take float32, bfloat16 or float16, not float64" if inputs[0].dtype == torch.float64 \
+        else None
     chosen = _backend.resolve("concat_conv2d", backend, inputs[0].device, BACKENDS, blocker=blocker)
     if chosen == "triton":
         return _triton_op()(list(inputs), weight, bias, padding, relu)

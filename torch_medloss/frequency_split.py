@@ -64,14 +64,7 @@ def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[
     """
     sigma = _check_arguments(x, sigma)
     backend = _backend.check_backend_name(backend)
-    blocker = _fusion_blocker(x, sigma)
-    # A named "triton" meets the blocker first; "auto" only where it would otherwise pick Triton, so that "auto" on
-    # a CPU tensor (the reference anyway) does not warn about float64.
-    chosen = _backend.resolve(
-        "frequency_split", backend, x.device, BACKENDS, blocker=blocker if backend == "triton" else None
-    )
-    if chosen == "triton" and blocker is not None:
-        chosen = _backend.resolve("frequency_split", backend, x.device, BACKENDS, blocker=blocker)
+    chosen = _backend.resolve("frequency_split", backend, x.device, BACKENDS, blocker=_fusion_blocker(x, sigma))
     if chosen == "triton":
         return _triton_op()(x, sigma)
     return _reference.frequency_split(x, sigma)
