@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from torch_medloss._cli import integer, positive
+
 MODELS = ("lfn", "dncnn", "dual")  # torch_medloss.denoise.train.MODELS, repeated to keep --help import-light
 SIGMAS = (15.0, 25.0, 50.0, 75.0)
 # (steps, batch size, patch side, test crop side) of --quick and of the full run (the latter sized for a GPU).
@@ -54,23 +56,8 @@ def _sigmas(text: str) -> list[float]:
     return values
 
 
-def _integer(text: str, minimum: int, expected: str) -> int:
-    """int(text) when it is >= minimum, else argparse's error naming what was expected (int() rules: "00", "+3")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    return _integer(text, 1, "an integer >= 1")
-
-
 def _seed(text: str) -> int:
-    value = _integer(text, 0, f"an integer in [0, {SEED_MAX}]")
+    value = integer(text, 0, f"an integer in [0, {SEED_MAX}]")
     if value > SEED_MAX:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {text!r}")
     return value
@@ -78,7 +65,7 @@ def _seed(text: str) -> int:
 
 def _crop(text: str) -> int:
     expected = f"0 (whole images) or an integer >= {SSIM_WINDOW} (the SSIM window)"
-    value = _integer(text, 0, expected)
+    value = integer(text, 0, expected)
     if 0 < value < SSIM_WINDOW:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
@@ -94,10 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny run: {QUICK[0]} steps, batch {QUICK[1]}, {QUICK[2]}px patches, "
                         f"{QUICK[3]}px centre crops of the test images")
-    parser.add_argument("--steps", type=_positive, help=f"training steps (default {FULL[0]}; --quick {QUICK[0]})")
-    parser.add_argument("--batch-size", type=_positive,
+    parser.add_argument("--steps", type=positive, help=f"training steps (default {FULL[0]}; --quick {QUICK[0]})")
+    parser.add_argument("--batch-size", type=positive,
                         help=f"patches per step (default {FULL[1]}; --quick {QUICK[1]})")
-    parser.add_argument("--patch", type=_positive, help=f"patch side in pixels (default {FULL[2]}; --quick {QUICK[2]})")
+    parser.add_argument("--patch", type=positive, help=f"patch side in pixels (default {FULL[2]}; --quick {QUICK[2]})")
     parser.add_argument("--eval-crop", type=_crop, metavar="N",
                         help=f"evaluate on centred N x N crops of the test images (N >= {SSIM_WINDOW}), 0 for whole "
                         f"images (default 0; --quick {QUICK[3]}; eval: the checkpoints' value)")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from torch_medloss._cli import integer, positive
+
 DESCRIPTION = (
     "Compare the losses (CE, balanced CE, DBCE R=2 and 4, Dice, Dice+CE, focal, PM Dice gamma 1 and 2) on a small "
     "U-Net trained on MNI152 brain tissue (nilearn's template; background, CSF, grey and white matter) with "
@@ -25,23 +27,9 @@ DEFAULT = {"steps": 1000, "seeds": 3, "batch_size": 8, "patch": 64}
 MIN_PATCH = 9
 
 
-def _at_least(text: str, minimum: int, why: str = "") -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}{why}, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    return _at_least(text, 1)
-
-
 def _patch(text: str) -> int:
     # The U-Net (depth 3) needs more than one voxel at its bottleneck: some axis longer than 2**3.
-    return _at_least(text, MIN_PATCH, " (the U-Net's 3 down-samplings need more than 8 voxels)")
+    return integer(text, MIN_PATCH, f"an integer >= {MIN_PATCH} (the U-Net's 3 down-samplings need more than 8 voxels)")
 
 
 def _learning_rate(text: str) -> float:
@@ -90,22 +78,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"a short run: every loss, {QUICK['seeds']} seed, {QUICK['steps']} steps of "
                         f"{QUICK['batch_size']} {QUICK['patch']}^2 crops (a smoke test, not a result)")
-    parser.add_argument("--steps", type=_positive,
+    parser.add_argument("--steps", type=positive,
                         help=f"optimiser steps per run (default {DEFAULT['steps']}, {QUICK['steps']} with --quick)")
-    parser.add_argument("--batch-size", type=_positive,
+    parser.add_argument("--batch-size", type=positive,
                         help="images per step (default 8 in 2D, 4 with --quick, 2 in 3D)")
     parser.add_argument("--patch", type=_patch,
                         help=f"training crop size, >= {MIN_PATCH} (default 64 in 2D, 48 with --quick, 24 in 3D)")
     parser.add_argument("--losses", type=_losses, metavar="LOSSES",
                         help="comma-separated subset of ce, bce, dbce2, dbce4, dice, dicece, focal, pmdice1, "
                         "pmdice2 (default: all)")
-    parser.add_argument("--seeds", type=_positive,
+    parser.add_argument("--seeds", type=positive,
                         help=f"number of seeds 0..N-1 (default {DEFAULT['seeds']}, {QUICK['seeds']} with --quick)")
     parser.add_argument("--dim", type=int, choices=[2, 3], default=2, help="2 (axial slices, default) or 3 (patches)")
     parser.add_argument("--resolution", type=int, choices=[1, 2], default=2, help="template resolution in mm")
     parser.add_argument("--lr", type=_learning_rate, default=3e-3, help="Adam learning rate, > 0 (default 3e-3)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1")
-    parser.add_argument("--threads", type=_positive,
+    parser.add_argument("--threads", type=positive,
                         help="CPU threads for torch (default: torch's own choice); 1 is much faster on a CPU that "
                         "other processes share")
     parser.add_argument("--out", default="segdemo_out", help="output folder (default segdemo_out/)")
