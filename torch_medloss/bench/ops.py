@@ -17,6 +17,7 @@ paths, and says so).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -130,7 +131,8 @@ def bench_nodes(nodes: Sequence[NodeShape], dtype: torch.dtype, device: torch.de
                 if isinstance(impl, str):
                     row.status, row.note = "unavailable", impl
                 else:
-                    fn = _node_step(impl, inputs, weight, bias, grad if pass_ != "forward" else None)
+                    fn = _step(functools.partial(impl, inputs, weight, bias), [*inputs, weight, bias],
+                               grad if pass_ != "forward" else None)
                     _timed(row, fn, device, timing)
                     if row.ms:
                         row.tflops = work / (row.ms * 1e-3) / 1e12
@@ -140,17 +142,15 @@ def bench_nodes(nodes: Sequence[NodeShape], dtype: torch.dtype, device: torch.de
     return rows
 
 
-def _node_step(impl: Callable, inputs: list, weight, bias, grad) -> Callable[[], object]:
-    """Forward only (no autograd graph) when ``grad`` is None, else forward and every gradient."""
-    if grad is None:
-        def forward():
+def _step(forward: Callable[[], object], wrt: Sequence[torch.Tensor], grads) -> Callable[[], object]:
+    """The timed work: ``forward()`` alone without an autograd graph when ``grads`` is None, else ``forward()`` and
+    the gradients of ``wrt`` under the upstream gradients ``grads``."""
+    if grads is None:
+        def forward_only():
             with torch.no_grad():
-                return impl(inputs, weight, bias)
-        return forward
-
-    def forward_backward():
-        return torch.autograd.grad(impl(inputs, weight, bias), [*inputs, weight, bias], grad)
-    return forward_backward
+                return forward()
+        return forward_only
+    return lambda: torch.autograd.grad(forward(), wrt, grads)
 
 
 class _CatConv(nn.Module):
@@ -243,25 +243,14 @@ def bench_split(images: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]
                     if backend not in ("triton", "reference"):
                         row.status, row.note = "unavailable", backend
                     else:
-                        _timed(row, _split_step(backend, x, grads if pass_ != "forward" else None), device, timing)
+                        forward = functools.partial(frequency_split, x, SPLIT_SIGMA, backend=backend)
+                        _timed(row, _step(forward, x, grads if pass_ != "forward" else None), device, timing)
                         if row.ms and bandwidth and pass_ == "forward":
                             row.bandwidth_fraction = moved / (row.ms * 1e-3) / bandwidth
                     rows.append(row)
                     progress.advance()
     _add_speedups(rows, "reference (pad + 2 conv2d + subtract)")
     return rows
-
-
-def _split_step(backend: str, x: torch.Tensor, grads) -> Callable[[], object]:
-    if grads is None:
-        def forward():
-            with torch.no_grad():
-                return frequency_split(x, SPLIT_SIGMA, backend=backend)
-        return forward
-
-    def forward_backward():
-        return torch.autograd.grad(frequency_split(x, SPLIT_SIGMA, backend=backend), x, grads)
-    return forward_backward
 
 
 # -------------------------------------------------------------------------------------------------------- report
