@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from torch_medloss.frequency_split import TRITON_MAX_RADIUS
+from torch_medloss.frequency_split import IDENTITY_SIGMA, TRITON_MAX_RADIUS
 from torch_medloss.kernels._device import on_device
 
 # No autotuning: the window is a heuristic of r and the image size alone (_launch_sizes); an autotune key would have
@@ -312,8 +312,14 @@ def _frequency_split_bwd_kernel(
 
 
 def gaussian_constants(sigma: float) -> tuple[int, float, float]:
-    """(r, log2_scale, inv_norm) of the kernels' taps g_k = exp2(k^2 log2_scale) * inv_norm, computed in float64."""
+    """(r, log2_scale, inv_norm) of the kernels' taps g_k = exp2(k^2 log2_scale) * inv_norm, computed in float64.
+
+    The Gaussian is evaluated at max(sigma, IDENTITY_SIGMA), as the reference's taps are: the same taps [0, 1, 0]
+    (r = 1) for every sigma <= IDENTITY_SIGMA, where a smaller sigma would give log2_scale = -inf in fp32 (below ~5e-20)
+    or a division by zero (below ~1e-162), and g_0 = exp2(0 * -inf) = NaN.
+    """
     radius = int(math.ceil(3.0 * sigma))
+    sigma = max(sigma, IDENTITY_SIGMA)
     norm = math.fsum(math.exp(-(k * k) / (2.0 * sigma * sigma)) for k in range(-radius, radius + 1))
     return radius, -math.log2(math.e) / (2.0 * sigma * sigma), 1.0 / norm
 

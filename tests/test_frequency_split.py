@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from torch_medloss import functional
-from torch_medloss.frequency_split import TRITON_MAX_RADIUS, frequency_split, gaussian_radius, gaussian_taps
+from torch_medloss.frequency_split import (
+    IDENTITY_SIGMA,
+    TRITON_MAX_RADIUS,
+    frequency_split,
+    gaussian_radius,
+    gaussian_taps,
+)
 from torch_medloss.reference import frequency_split as reference
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -154,6 +160,30 @@ def test_taps(sigma):
     raw = [math.exp(-(k * k) / (2 * sigma * sigma)) for k in range(-radius, radius + 1)]
     torch.testing.assert_close(taps, torch.tensor(raw, dtype=torch.float64) / math.fsum(raw), rtol=1e-15, atol=0)
     assert abs(gaussian_taps(sigma, torch.float32).sum().item() - 1.0) < 1e-6
+
+
+@pytest.mark.parametrize("sigma", [5e-324, 1e-200, 1e-162, 1e-20, 1e-3, 0.02])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_tiny_sigma_is_the_identity(sigma, dtype):
+    """sigma <= IDENTITY_SIGMA: taps [0, 1, 0], low = x and high = 0 exactly (no NaN where sigma^2 underflows), the
+    gradient grad_low, and the same result as sigma = IDENTITY_SIGMA bit for bit."""
+    assert sigma <= IDENTITY_SIGMA and gaussian_radius(sigma) == 1
+    assert torch.equal(gaussian_taps(sigma), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    x = _image((2, 3, 5, 4), dtype, seed=7).requires_grad_()
+    low, high = frequency_split(x, sigma)
+    assert torch.equal(low, x) and torch.equal(high, torch.zeros_like(x))
+    assert torch.equal(low, frequency_split(x, IDENTITY_SIGMA)[0])
+    grad_low, grad_high = _image(x.shape, dtype, seed=8), _image(x.shape, dtype, seed=9)
+    (grad_x,) = torch.autograd.grad((low, high), x, (grad_low, grad_high))
+    # grad_high + (grad_low - grad_high): two roundings in x's dtype, a few ulps of the larger gradient in bfloat16.
+    scale = 4 * torch.finfo(dtype).eps * max(grad_low.abs().max().item(), grad_high.abs().max().item())
+    torch.testing.assert_close(grad_x, grad_low, rtol=0, atol=scale)
+
+
+def test_sigma_whose_radius_overflows():
+    """3 sigma = inf: no OverflowError from ceil, the too-small-image ValueError."""
+    with pytest.raises(ValueError, match=r"x is too small for sigma=1e\+308: r = ceil\(3 sigma\) is infinite"):
+        frequency_split(torch.zeros(1, 1, 8, 8), 1e308)
 
 
 def test_layouts_and_functional():

@@ -259,6 +259,27 @@ def test_interpreted_paths_determinism_and_errors():
     )
 
 
+@TRITON
+def test_interpreted_tiny_sigma_is_the_identity():
+    """sigma <= IDENTITY_SIGMA: the kernels give low = x and high = 0 exactly, as the reference does (fp32's
+    log2_scale overflowed to -inf below ~5e-20 and gave NaN; below ~1e-162 the constants divided by zero)."""
+    run_script(
+        """
+        from torch_medloss.frequency_split import IDENTITY_SIGMA
+
+        generator = torch.Generator().manual_seed(3)
+        for sigma in (5e-324, 1e-200, 1e-20, 1e-3, IDENTITY_SIGMA):
+            for dtype, layout in ((torch.float32, "contiguous"), (torch.bfloat16, "channels_last")):
+                x = make((2, 2, 6, 5), dtype, layout, generator)
+                name = f"sigma={sigma} {dtype}"
+                low, high, _ = check(name, x, sigma, generator)
+                exact(f"{name} low == x", low, x)
+                exact(f"{name} high == 0", high, torch.zeros_like(x))
+                exact(f"{name} front end", frequency_split(x, sigma, backend="triton")[0], x)
+        """
+    )
+
+
 # ------------------------------------------------------------------------------- compiled for sm_90, CPU
 
 

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from torch_medloss import _backend
 from torch_medloss.reference import frequency_split as _reference
-from torch_medloss.reference.frequency_split import gaussian_radius, gaussian_taps
+from torch_medloss.reference.frequency_split import IDENTITY_SIGMA, gaussian_radius, gaussian_taps
 
-__all__ = ["BACKENDS", "frequency_split", "gaussian_radius", "gaussian_taps"]
+__all__ = ["BACKENDS", "IDENTITY_SIGMA", "frequency_split", "gaussian_radius", "gaussian_taps"]
 
 BACKENDS = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -45,7 +45,9 @@ def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[
         x: (B, C, H, W) float32, float64, float16 or bfloat16, any strides (channels_last too: the outputs keep
             x's layout, nothing is copied); H and W must exceed r (reflect padding reads r pixels inside the border).
             float64, and sigma > 16 / 3 (r > TRITON_MAX_RADIUS), run the reference: "auto" warns once, "triton" raises.
-        sigma: the Gaussian's standard deviation in pixels, a finite number > 0.
+        sigma: the Gaussian's standard deviation in pixels, a finite number > 0. At or below IDENTITY_SIGMA (0.02)
+            the off-centre taps are 0 even in float64: low = x and high = 0 exactly, on every backend, however small
+            sigma is (r = 1 there, so H and W must still exceed 1).
         backend: "auto" (Triton on CUDA tensors, the reference elsewhere), "triton" or "reference".
 
     Returns:
@@ -82,6 +84,8 @@ def _check_arguments(x: object, sigma: object) -> float:
     sigma = float(sigma)
     if not math.isfinite(sigma) or sigma <= 0:
         raise ValueError(f"sigma must be a finite number > 0, got {sigma}.")
+    if not math.isfinite(3.0 * sigma):  # r = ceil(3 sigma) would be infinite: larger than any image
+        raise ValueError(f"x is too small for sigma={sigma}: r = ceil(3 sigma) is infinite.")
     radius = gaussian_radius(sigma)
     height, width = x.shape[-2:]
     if height <= radius or width <= radius:

@@ -3,6 +3,8 @@
 low = blur_W(blur_H(pad_reflect(x))) with the 1-D kernel g_k = exp(-k^2 / (2 sigma^2)) / sum, k = -r..r,
 r = ceil(3 sigma); high = x - low. Built from ``F.pad`` and two depthwise ``F.conv2d`` calls, accumulated in float32
 for half-precision inputs (float64 stays float64), so autograd gives the adjoint blur for the backward.
+
+Tiny sigma: at or below IDENTITY_SIGMA the blur is the identity (low = x, high = 0); see gaussian_taps.
 """
 
 from __future__ import annotations
@@ -13,15 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# At or below this sigma every off-centre tap exp(-k^2 / (2 sigma^2)) <= exp(-1250) is 0 in float64 (and in every
+# narrower dtype), so the taps are exactly [0, 1, 0] (r = 1) and low = x. The taps of such a sigma are computed at
+# IDENTITY_SIGMA itself, which gives those same taps bit for bit: below ~1e-162 sigma^2 underflows to 0 and the
+# centre tap would be exp(-0 / 0) = NaN. The Triton kernels clamp their Gaussian constants the same way.
+IDENTITY_SIGMA = 0.02
+
 
 def gaussian_radius(sigma: float) -> int:
     return int(math.ceil(3.0 * sigma))
 
 
 def gaussian_taps(sigma: float, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
-    """The normalized 1-D kernel of length 2r + 1 (computed in float64, then cast)."""
+    """The normalized 1-D kernel of length 2r + 1 (computed in float64, then cast); [0, 1, 0] for sigma <=
+    IDENTITY_SIGMA."""
     radius = gaussian_radius(sigma)
     k = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    sigma = max(sigma, IDENTITY_SIGMA)  # same taps, without the 0 / 0 of an underflowing sigma^2 (see IDENTITY_SIGMA)
     taps = torch.exp(-(k * k) / (2.0 * sigma * sigma))
     return (taps / taps.sum()).to(dtype=dtype, device=device)
 
