@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import torch_medloss
+from helpers import value_and_grad
 from torch_medloss import functional as F
 from torch_medloss.reference import dbce as ref
 
@@ -209,3 +210,72 @@ def test_radius_changes_weights_toward_small_structures():
     torch.testing.assert_close(w0, torch.tensor([[81 / 160, 81 / 2]]))
     torch.testing.assert_close(w2, torch.tensor([[0.5, 81 / 26]]))
     assert int((pixel_weights == w2[0, 1]).sum()) == 13
+
+
+# ------------------------------------------------------------------------ the element clamped to the image (issue 13)
+
+
+@pytest.mark.parametrize(
+    "spatial, spacing, element",
+    [((4, 4), None, "ball"), ((3, 5, 2), (1.0, 0.5, 2.0), "ball"), ((4, 3), (0.7, 1.3), "cube"), ((6,), None, "ball")],
+)
+def test_huge_radius_equals_radius_covering_the_image(spatial, spacing, element):
+    """R = 1e9 (or 1e300, whose R^2 overflows) gives the weights of a radius just above the image's diagonal and the
+    brute-force definition's; before the clamp the element had ~R^d offsets and this never finished."""
+    torch.manual_seed(0)
+    steps = spacing or (1.0,) * len(spatial)
+    diagonal = math.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(spatial, steps, strict=True)))
+    labels = torch.randint(0, 4, (2, *spatial))
+    labels[1].view(-1)[:2] = -100
+    covering = ref.dilated_class_weights(labels, 4, diagonal * 1.01, element, spacing)
+    for radius in (1e9, 1e300):
+        huge = ref.dilated_class_weights(labels, 4, radius, element, spacing)
+        for got, expected in zip(huge, covering, strict=True):
+            assert torch.equal(got, expected)
+    expected = brute_force_weights(labels, 4, 1e9, element, spacing, False, -100)
+    torch.testing.assert_close(covering[0], expected.float())
+
+
+def test_huge_radius_loss_on_the_reference():
+    """The issue's case, C = 70 (over the fused kernels' 64), on the reference: finishes, and equals the loss at a
+    radius just above the diagonal; its gradient too."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 70, 4, 4, dtype=torch.float64)
+    labels = torch.randint(0, 70, (1, 4, 4))
+    for reduction in ("mean", "none"):
+        value, grad = value_and_grad(
+            torch_medloss.DBCELoss(radius=1e9, reduction=reduction, backend="reference"), logits, labels)
+        expected, expected_grad = value_and_grad(
+            torch_medloss.DBCELoss(radius=4.25, reduction=reduction, backend="reference"), logits, labels)
+        assert torch.equal(value, expected) and torch.equal(grad, expected_grad)
+
+
+def test_dilation_work_is_bounded_by_the_image(monkeypatch):
+    """A radius past the image along one axis but not covering the image: dilate gets only offsets with |o_a| <=
+    n_a - 1 (not the (2R + 1)-wide element), and the weights still equal the brute-force definition's."""
+    seen = []
+    original = ref.dilate
+
+    def spy(masks, offsets):
+        seen.append(offsets.clone())
+        return original(masks, offsets)
+
+    monkeypatch.setattr(ref, "dilate", spy)
+    torch.manual_seed(2)
+    labels = torch.randint(0, 3, (2, 3, 30))
+    labels[0, 1, :4] = -100
+    weights, _, _ = ref.dilated_class_weights(labels, 3, 20.0, "ball")
+    (offsets,) = seen
+    full = ref.structuring_element(20.0, "ball", (1.0, 1.0))
+    assert torch.equal(offsets, full[(full.abs() <= torch.tensor([2, 29])).all(dim=1)])
+    expected = brute_force_weights(labels, 3, 20.0, "ball", None, False, -100)
+    torch.testing.assert_close(weights, expected.float())
+
+
+def test_dilate_drops_offsets_past_the_image():
+    """An offset with |o_a| >= n_a reads only padding: dilate ignores it instead of padding by it."""
+    masks = torch.rand(2, 3, 4, 5) > 0.7
+    near = torch.tensor([[0, 0], [1, -1], [-3, 4]])
+    far = torch.cat([near, torch.tensor([[4, 0], [0, -5], [10**15, 10**15]])])
+    assert torch.equal(ref.dilate(masks, far), ref.dilate(masks, near))
+    assert torch.equal(ref.dilate(masks, near), brute_force_dilate(masks, near))

@@ -36,9 +36,29 @@ _BOUNDARY_TOLERANCE = 1e-9
 def structuring_element(radius: float, element: str, spacing: tuple[float, ...]) -> torch.Tensor:
     """The offsets of E_R as an int64 tensor (num_offsets, ndim), the origin included, in lexicographic order.
 
-    This one definition is shared by every backend, so the element is the same everywhere.
+    This one definition is shared by every backend, so the element is the same everywhere. Its size grows as R^ndim:
+    to dilate an image, take _element_within(..., image shape), the same element without the offsets that cannot
+    reach another pixel of that image.
     """
-    extents = [math.floor(radius / s * (1 + _BOUNDARY_TOLERANCE)) for s in spacing]
+    return _element_within(radius, element, spacing, None)
+
+
+def _element_within(radius: float, element: str, spacing: tuple[float, ...],
+                    shape: tuple[int, ...] | None) -> torch.Tensor:
+    """structuring_element restricted to offsets with |o_a| <= n_a - 1 on every axis of an image of ``shape``.
+
+    An offset with |o_a| >= n_a moves every pixel out of the image, so dropping it leaves every dilation of that
+    image unchanged, while the cost (and the enumeration here) becomes bounded by the image instead of growing as R^d
+    (R = 1e9 never finished). The extents are those of the fused kernels: r_a = min(floor(R / s_a (1 + 1e-9)),
+    n_a - 1). ``shape`` None: no clamp (the whole element).
+    """
+    extents = []
+    for a, s in enumerate(spacing):
+        reach = radius / s * (1 + _BOUNDARY_TOLERANCE)  # may be inf for a huge R or a tiny spacing: clamp first
+        if shape is not None and reach >= shape[a] - 1:
+            extents.append(shape[a] - 1)
+        else:
+            extents.append(math.floor(reach))
     limit = radius * radius * (1 + _BOUNDARY_TOLERANCE)
     offsets = []
     for offset in itertools.product(*(range(-e, e + 1) for e in extents)):
@@ -51,13 +71,26 @@ def structuring_element(radius: float, element: str, spacing: tuple[float, ...])
     return torch.tensor(offsets, dtype=torch.int64).view(-1, len(spacing))
 
 
+def _covers_image(radius: float, element: str, spacing: tuple[float, ...], shape: tuple[int, ...]) -> bool:
+    """Whether E_R holds every offset with |o_a| <= n_a - 1: the farthest one, o = (n_a - 1), is inside (the
+    predicate of _element_within on that offset, evaluated the same way; it is monotone in each |o_a|)."""
+    corner = [(n - 1) * s for n, s in zip(shape, spacing, strict=True)]
+    if element == "ball":
+        return sum(c**2 for c in corner) <= radius * radius * (1 + _BOUNDARY_TOLERANCE)
+    return all(abs(c) <= radius * (1 + _BOUNDARY_TOLERANCE) for c in corner)
+
+
 def dilate(masks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Binary dilation of boolean masks (B, C, *S) by an element given as offsets, zero outside each image.
 
     out[i] = OR over offsets o of masks[i - o]: pad every spatial axis by the largest offset with False, then OR the
-    shifted views. Images and classes never mix because only the spatial axes shift.
+    shifted views. Images and classes never mix because only the spatial axes shift. Offsets with |o_a| >= n_a on
+    some axis read only padding, so they are dropped first: the padding (and the work) stays bounded by the image
+    whatever the element.
     """
     spatial = masks.shape[2:]
+    if offsets.numel():
+        offsets = offsets[(offsets.abs() < torch.tensor(spatial, device=offsets.device)).all(dim=1)]
     reach = offsets.abs().amax(dim=0).tolist() if offsets.numel() else [0] * len(spatial)
     pad = []
     for r in reversed(reach):
@@ -113,8 +146,16 @@ def dilated_class_weights(
     valid = labels != ignore_index
     classes = torch.arange(num_classes, device=labels.device).view([1, -1] + [1] * spatial_ndim)
     members = (labels.unsqueeze(1) == classes) & valid.unsqueeze(1)  # M_c, (B, C, *S)
-    dilated = dilate(members, structuring_element(radius, element, spacing).to(labels.device))
-    dilated &= valid.unsqueeze(1)  # D_c
+    shape = tuple(labels.shape[1:])
+    if _covers_image(radius, element, spacing, shape):
+        # Every pixel reaches every other (R at least the image's diagonal): D_c is the whole image wherever class c
+        # occurs in it, the dilation by the full element in one reduction instead of (2n - 1)^d shifted ORs.
+        present = members.flatten(2).any(2).reshape(members.shape[:2] + (1,) * spatial_ndim)
+        dilated = present.expand_as(members)
+    else:
+        # The element clamped to the image: the same dilation, its cost bounded by the image for any radius.
+        dilated = dilate(members, _element_within(radius, element, spacing, shape).to(labels.device))
+    dilated = dilated & valid.unsqueeze(1)  # D_c
     space = list(range(2, members.ndim))
     class_weights, areas = class_weights_from_sums(members.sum(space), dilated.sum(space), batch, distributed, dtype)
     per_image = class_weights.expand(labels.shape[0], num_classes) if batch else class_weights
