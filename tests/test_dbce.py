@@ -279,3 +279,28 @@ def test_dilate_drops_offsets_past_the_image():
     far = torch.cat([near, torch.tensor([[4, 0], [0, -5], [10**15, 10**15]])])
     assert torch.equal(ref.dilate(masks, far), ref.dilate(masks, near))
     assert torch.equal(ref.dilate(masks, near), brute_force_dilate(masks, near))
+
+
+@pytest.mark.parametrize(
+    "dtype, ignore_index",
+    [(torch.int8, 255), (torch.int16, 40000), (torch.int8, -200), (torch.uint8, -1), (torch.uint8, 300)],
+)
+def test_reference_labels_compare_with_any_ignore_index(dtype, ignore_index):
+    """An ignore_index the label dtype cannot hold: the reference compares the true values (labels widened to int64)
+    instead of raising torch's "without overflow" RuntimeError or wrapping (uint8 255 == -1): the loss and the
+    weights equal those of the same labels in int64."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 5, 4))
+    for reduction in ("mean", "none"):
+        got = ref.dbce_loss(logits, labels.to(dtype), ignore_index=ignore_index, reduction=reduction, radius=1.5)
+        expected = ref.dbce_loss(logits, labels, ignore_index=ignore_index, reduction=reduction, radius=1.5)
+        assert torch.equal(got, expected)
+    got = ref.dilated_class_weights(labels.to(dtype), 3, 1.5, ignore_index=ignore_index)
+    expected = ref.dilated_class_weights(labels, 3, 1.5, ignore_index=ignore_index)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    if dtype == torch.uint8 and ignore_index == -1:  # 255 is a label out of range (NaN), not an ignored pixel
+        labels[0, 0, 0] = 255
+        got = ref.dbce_loss(logits, labels.to(dtype), ignore_index=-1, reduction="sum")
+        assert torch.isnan(got) and torch.isnan(ref.dbce_loss(logits, labels, ignore_index=-1, reduction="sum"))

@@ -105,6 +105,14 @@ def dilate(masks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _widen(labels: torch.Tensor) -> torch.Tensor:
+    """Labels as int64 (float64 for float labels), so that comparing them with ignore_index, and filling with it, is
+    exact for any label dtype: in a narrow dtype torch wraps the scalar (uint8 labels 255 equal -1) or raises
+    (``full_like`` of int8 labels with 255, of int16 ones with 40000: "value cannot be converted ... without
+    overflow"). The reference's masks are C times larger than this copy anyway."""
+    return labels.to(torch.float64 if labels.is_floating_point() else torch.int64)
+
+
 def class_weights_from_sums(
     counts: torch.Tensor, areas: torch.Tensor, batch: bool, distributed: str, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +151,7 @@ def dilated_class_weights(
     """
     spatial_ndim = labels.ndim - 1
     spacing = tuple(spacing) if spacing is not None else (1.0,) * spatial_ndim
+    labels = _widen(labels)
     valid = labels != ignore_index
     classes = torch.arange(num_classes, device=labels.device).view([1, -1] + [1] * spatial_ndim)
     members = (labels.unsqueeze(1) == classes) & valid.unsqueeze(1)  # M_c, (B, C, *S)
@@ -178,6 +187,7 @@ def dbce_loss(
 ) -> torch.Tensor:
     """DBCE on logits (B, C, *S) and labels (B, *S) (checked by the caller); see :class:`torch_medloss.DBCELoss`."""
     num_classes = input.shape[1]
+    labels = _widen(labels)
     bad = invalid_label_flag(labels, num_classes, ignore_index)
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < num_classes)
