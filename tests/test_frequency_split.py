@@ -292,3 +292,22 @@ def test_fusion_blockers():
 def test_empty_batch():
     low, high = frequency_split(torch.zeros(0, 3, 8, 8), 1.0)
     assert low.shape == high.shape == (0, 3, 8, 8)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 8, 8), (0, 0, 8, 8), (0, 3, 8, 8)])
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, "contiguous"), (torch.float64, "channels_last"),
+                                           (torch.bfloat16, "contiguous")])
+def test_empty_channels_and_batch(shape, dtype, layout):
+    """C = 0 (F.pad used to raise from inside) and B = 0: empty low and high of x's shape, dtype and layout, and an
+    empty gradient; the size check still applies."""
+    x = torch.zeros(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    low, high = frequency_split(x, 1.0)
+    for out in (low, high):
+        assert out.shape == shape and out.dtype == dtype and out.stride() == x.stride()
+    (grad,) = torch.autograd.grad((low, high), x, (torch.ones_like(low), torch.ones_like(high)))
+    assert grad.shape == shape
+    with pytest.raises(ValueError, match=r"needs H and W > 3, got H=3, W=8"):
+        frequency_split(torch.zeros(shape[0], shape[1], 3, 8, dtype=dtype), 1.0)

@@ -280,6 +280,30 @@ def test_interpreted_tiny_sigma_is_the_identity():
     )
 
 
+@TRITON
+def test_interpreted_empty_channels_and_batch():
+    """B = 0 or C = 0 through the Triton front end: empty outputs of x's shape and layout and an empty gradient,
+    as the reference gives."""
+    run_script(
+        """
+        for shape in ((2, 0, 8, 8), (0, 0, 8, 8), (0, 3, 8, 8)):
+            for layout in ("contiguous", "channels_last"):
+                x = torch.zeros(shape)
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_()
+                low, high = frequency_split(x, 1.0, backend="triton")
+                expected_low, expected_high = reference_split(x, 1.0)
+                for got, expected in ((low, expected_low), (high, expected_high)):
+                    if got.shape != shape or got.stride() != expected.stride() or got.dtype != x.dtype:
+                        FAILURES.append(f"{shape} {layout}: {got.shape} {got.stride()} vs {expected.stride()}")
+                (grad,) = torch.autograd.grad((low, high), x, (torch.ones_like(low), torch.ones_like(high)))
+                if grad.shape != shape:
+                    FAILURES.append(f"{shape} {layout}: gradient of shape {grad.shape}")
+        """
+    )
+
+
 # ------------------------------------------------------------------------------- compiled for sm_90, CPU
 
 

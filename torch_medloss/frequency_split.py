@@ -44,6 +44,7 @@ def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[
     Args:
         x: (B, C, H, W) float32, float64, float16 or bfloat16, any strides (channels_last too: the outputs keep
             x's layout, nothing is copied); H and W must exceed r (reflect padding reads r pixels inside the border).
+            B = 0 or C = 0 is allowed: empty outputs (and an empty gradient), H and W still checked.
             float64, and sigma > 16 / 3 (r > TRITON_MAX_RADIUS), run the reference: "auto" warns once, "triton" raises.
         sigma: the Gaussian's standard deviation in pixels, a finite number > 0. At or below IDENTITY_SIGMA (0.02)
             the off-centre taps are 0 even in float64: low = x and high = 0 exactly, on every backend, however small

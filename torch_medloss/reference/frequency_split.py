@@ -4,7 +4,8 @@ low = blur_W(blur_H(pad_reflect(x))) with the 1-D kernel g_k = exp(-k^2 / (2 sig
 r = ceil(3 sigma); high = x - low. Built from ``F.pad`` and two depthwise ``F.conv2d`` calls, accumulated in float32
 for half-precision inputs (float64 stays float64), so autograd gives the adjoint blur for the backward.
 
-Tiny sigma: at or below IDENTITY_SIGMA the blur is the identity (low = x, high = 0); see gaussian_taps.
+Tiny sigma: at or below IDENTITY_SIGMA the blur is the identity (low = x, high = 0); see gaussian_taps. Empty input
+(B = 0 or C = 0): empty low and high of x's shape, dtype and layout, with an (empty) gradient, as the Triton op gives.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def gaussian_taps(sigma: float, dtype: torch.dtype = torch.float64, device=None)
 
 def frequency_split(x: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
     """x (B, C, H, W) -> (low, high) in x's dtype; high is x - low computed from the rounded low."""
+    if x.numel() == 0:
+        # B = 0 or C = 0 (H, W > r are the caller's check): nothing to blur, and F.pad(mode="reflect") and a conv2d
+        # with groups=0 reject C = 0. clone() keeps x's strides, as the Triton op's empty_like does (x - low would
+        # not: torch gives an empty result contiguous strides), and carries the (empty) gradient.
+        return x.clone(), x.clone()
     radius = gaussian_radius(sigma)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     channels = x.shape[1]
