@@ -22,7 +22,7 @@
 
 TORCH_LIBRARY_FRAGMENT(torch_medloss, m) {
   // The fake kernels and the autograd formula are registered in Python, by this module.
-  m.set_python_module("torch_medloss.dbce_ops");
+  m.set_python_module("torch_medloss.ops.dbce");
   m.def(
       "dbce_masks(Tensor labels, int num_classes, int ignore_index, int element, float radius, float[] spacing) "
       "-> (Tensor, Tensor, Tensor, Tensor)");

@@ -30,7 +30,7 @@
 // A FRAGMENT: every op of the project adds its schema to the torch_medloss namespace from its own csrc/<stem>.cpp.
 TORCH_LIBRARY_FRAGMENT(torch_medloss, m) {
   // The fake kernels and the autograd formula are registered in Python, by this module.
-  m.set_python_module("torch_medloss.dice_sums");
+  m.set_python_module("torch_medloss.ops.dice_sums");
   m.def(
       "dice_sums_fwd(Tensor logits, Tensor target, Tensor gamma, Tensor ce_weight, int activation, "
       "bool target_is_labels, int ignore_index, int mask_mode, bool squared, bool with_ce, float label_smoothing) "

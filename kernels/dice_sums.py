@@ -1,21 +1,24 @@
-"""Triton kernels of ``torch_medloss::dice_sums_fwd_triton`` / ``_bwd_triton``: the fused Dice-family sums.
+"""Triton kernels of the Dice-family ops: ``torch_medloss::dice_sums_{fwd,bwd}_triton`` (the per-class sums) and
+``torch_medloss::dice_loss_{fwd,bwd}_triton`` (the sums and the loss head in one op).
 
-The ops have the contract of torch_medloss.reference.dice_sums (``dice_sums_fwd`` / ``dice_sums_bwd``), with the same
-arguments in the same order: logits (B, C, S) of any strides (fp32, bf16 or fp16), a target that is either a label
-map (B, S) of any integer dtype and strides, read at its own dtype, or dense (B, C, S) floats; out come
-sums (B, C, 4) = [I, P, G, D] and extras (B, 3) = [ce_num, ce_den, invalid] in float32, and the backward gives
-d(<grad_sums, sums> + <grad_extras, extras>)/d(logits) in the logits' dtype and memory layout.
+Contract: torch_medloss.reference.dice_sums (the sums, as readable PyTorch) and torch_medloss.ops.dice_sums (the
+head, composed from the reference losses' own formulas). Options arrive as the ``codes``/``scalars`` lists and the
+``params`` (3, C) tensor of torch_medloss._contract. Logits (B, C, S) of any strides (fp32, bf16 or fp16); the
+target is a label map (B, S) of any integer dtype and strides, read at its own dtype, or dense (B, C, S) floats.
 
-Method. Program (b, k) owns the k-th slice of the pixels of image b and walks it BLOCK_S pixels at a time. Each step
-loads a (BLOCK_C, BLOCK_S) tile of logits with the whole class axis in registers (BLOCK_C = next power of two of C),
-applies the activation along the class axis in fp32 (a max-subtracted softmax, a sigmoid or nothing), builds the
-target tile (a one-hot compare of the labels, or the dense target), the pixel weight w and the modulator m, and
-  - forward: adds the tile's per-class sums over its pixels into four (BLOCK_C,) fp32 accumulators and the per-pixel
-    cross-entropy terms into (BLOCK_S,) accumulators; at the end the program writes one row of a
-    (B, programs, C, 4) / (B, programs, 3) fp32 partial buffer, and ``torch.sum`` over the programs axis gives the
-    result. No atomics: every addition happens in a fixed order, so the sums are bitwise identical run to run.
-  - backward: recomputes the same quantities and writes the gradient tile in place of the logits' layout; nothing is
-    saved by the forward but the inputs, and nothing is reduced across programs.
+Method. Three launches for a loss's forward and backward together, whatever the options:
+  1. partials (forward): program (b, k) owns the k-th slice of the pixels of image b and walks it BLOCK_S pixels at
+     a time. Each step loads a (BLOCK_C, BLOCK_S) tile of logits with the whole class axis in registers
+     (BLOCK_C = next power of two of C), applies the activation in fp32, builds the target tile, the pixel weight w
+     and the modulator m, and adds the tile's per-class sums [I, P, G, D] and the cross-entropy terms into
+     registers; at the end it writes one row of a (B, programs, C, 4) / (B, programs, 3) fp32 partial buffer.
+  2. finalize (forward, one program): adds the rows of each image in a fixed order (no atomics: bitwise the same
+     run to run), then either stores the sums (the dice_sums op) or computes the loss head itself: the loss value
+     (every reduction, batch Dice, class weights, the background left out, NaN for a bad label) and the
+     coefficients d loss / d (I, P, D) per (image, class) and d loss / d ce_num that the backward needs.
+  3. backward: recomputes each tile and writes the gradient in the logits' layout. It reads the coefficients and
+     the upstream gradient itself (per class for reduction="none", a scalar otherwise), so no PyTorch op runs
+     between the launches; in the dice_sums op it reads grad_sums and grad_extras instead.
 
 Trade-off. Each pass reads the logits and the target once, and the backward writes the gradient once: the bandwidth
 floor of shared/BASELINES.md. The price is arithmetic per element: an exp for the softmax, and a log2 and an exp2 for
@@ -24,9 +27,9 @@ this was written) an fp32 pass at 3 TB/s needs ~60% of an H100's special-functio
 ~20% without, so the kernels should stay memory-bound for the few classes of segmentation. They stop paying as C
 grows: the tile keeps 16 values per thread, so BLOCK_S shrinks as 1/C, and past C = 16 the class axis of a tile
 spans several warps, making every softmax max and sum a shared-memory round trip, with register pressure near the
-255 limit (see _TILE_ELEMENTS). A channels_last-derived layout (class stride 1) spreads classes across threads
-from the start (warp shuffles instead of in-thread sums). At C in the hundreds a class-tiled two-pass kernel would
-be the better design; the launchers refuse C > _MAX_CLASSES.
+255 limit (see _TILE_ELEMENTS). At C in the hundreds a class-tiled two-pass kernel would be the better design; the
+launchers refuse C > DICE_MAX_CLASSES. The finalize program reads B * programs * C * 4 floats: the programs per
+image shrink with B (_MAX_PROGRAMS) so that this stays a few hundred KiB, a few microseconds on one SM.
 """
 
 from __future__ import annotations
@@ -36,13 +39,13 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from torch_medloss import _contract as K
 from torch_medloss.kernels._device import on_device
+from torch_medloss.kernels._tile import label_tile, logits_tile, softmax_tile
 
 # No autotuning: the sizes below are a heuristic of C alone. An autotune key would have to include C (it sets BLOCK_C)
 # and every flag (they change the arithmetic), and the first call of each combination would pay the search.
 
-# Largest class count the kernels take: BLOCK_C = 128 rows of a tile with BLOCK_S = 16 pixels.
-_MAX_CLASSES = 128
 # Elements of a (BLOCK_C, BLOCK_S) tile, with num_warps = 4 (128 threads): 16 values per thread per live tile. For
 # a contiguous (NCHW) tile with C <= 16 Triton gives each thread whole class columns, so the softmax and the other
 # class sums stay in registers. ptxas (sm_90a, Triton 3.6, compiled here without a GPU) reports for the forward /
@@ -55,17 +58,35 @@ _TILE_ELEMENTS = 2048
 # BLOCK_S bounds: at least 16 pixels (64-byte fp32 rows: whole 32-byte sectors) at C = 128; at most 2048 (C = 1).
 _MIN_BLOCK_S = 16
 _MAX_BLOCK_S = 2048
-# Programs per image at most: bounds the forward's partial buffer at B * 1024 * C * 4 fp32 (128 KiB for C = 4 and
-# B = 2, 4 MiB at C = 128) while giving a large image enough programs to fill a GPU (B = 2 of 128^3 at C = 4 is
-# 2048 programs of 4 warps, about 15 per SM on an H100, each walking 4 tiles). Past the cap a program walks more.
+# Programs per image at most, and over the whole batch: enough to fill a GPU (B = 2 of 128^3 at C = 4 is 2048
+# programs of 4 warps, about 15 per SM on an H100, each walking 4 tiles) while bounding the partial buffer that the
+# one finalize program reads (2048 rows: 128 KiB at C = 4). Past the cap a program walks more tiles.
 _MAX_PROGRAMS_PER_IMAGE = 1024
+_MAX_PROGRAMS = 2048
+# Elements of the finalize program's (BLOCK_P, BLOCK_C) tiles of partial rows: 4 per thread per sum.
+_FINALIZE_TILE = 512
 # Private switch for the tests: force the int64 offset path on tensors small enough for int32.
 _FORCE_INT64 = False
 
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_ACTIVATION_NONE, _ACTIVATION_SOFTMAX, _ACTIVATION_SIGMOID = 0, 1, 2
-_MASK_NONE, _MASK_LABEL, _MASK_CHANNEL, _MASK_SENTINEL = 0, 1, 2, 3
+
+# The contract's codes as Triton constants (a jitted function may read module globals only when they are constexpr).
+_SOFTMAX = tl.constexpr(K.ACTIVATION_SOFTMAX)
+_SIGMOID = tl.constexpr(K.ACTIVATION_SIGMOID)
+_MASK_LABEL = tl.constexpr(K.MASK_LABEL)
+_MASK_CHANNEL = tl.constexpr(K.MASK_CHANNEL)
+_MASK_SENTINEL = tl.constexpr(K.MASK_SENTINEL)
+_HEAD_GENERALIZED = tl.constexpr(K.HEAD_GENERALIZED)
+_HEAD_TVERSKY = tl.constexpr(K.HEAD_TVERSKY)
+_MEAN = tl.constexpr(K.REDUCTION_MEAN)
+_NONE = tl.constexpr(K.REDUCTION_NONE)
+_W_SQUARE = tl.constexpr(K.W_TYPE_SQUARE)
+_W_SIMPLE = tl.constexpr(K.W_TYPE_SIMPLE)
+_ROW_I = tl.constexpr(K.DICE_COEF_I)
+_ROW_P = tl.constexpr(K.DICE_COEF_P)
+_ROW_CE = tl.constexpr(K.DICE_COEF_CE)
+_ROW_D = tl.constexpr(K.DICE_COEF_D)
 
 
 # ------------------------------------------------------------------------------------------------ shared tile math
@@ -91,44 +112,33 @@ def _tile(
 ):
     """Load one (BLOCK_C, BLOCK_S) tile and compute what both passes need, in fp32.
 
-    Returns (tile_ok, x, p, q, log_q, y, w, counted, invalid): the in-bounds mask of the tile; the logits x; the
-    activation p; the softmax q and log-softmax log_q of x (only with softmax or WITH_CE, else x as a placeholder);
-    the target y (one-hot of in-range labels, or dense); the pixel weight w (BLOCK_S,), 0 past the end; the pixels the
-    cross entropy counts (in-range labels, or every in-bounds pixel of a dense target) and the invalid labels, both as
+    Returns (tile_ok, x, p, q, lse, y, w, counted, invalid): the in-bounds mask of the tile; the logits x; the
+    activation p; the softmax q of the logits and the per-pixel logsumexp lse (only with softmax or WITH_CE, else
+    placeholders), so that log_softmax = x - lse where a caller needs it (not kept as a tile: registers); the target
+    y (one-hot of in-range labels, or dense); the pixel weight w (BLOCK_S,), 0 past the end; the pixels the cross
+    entropy counts (in-range labels, or every in-bounds pixel of a dense target) and the invalid labels, both as
     (BLOCK_S,) 0/1 floats.
     """
-    class_ok = classes < num_classes
-    pixel_ok = pixels < num_pixels
-    tile_ok = class_ok[:, None] & pixel_ok[None, :]
-
-    # 1. logits and activation. Padded class rows load 0; they must not enter the softmax (-inf there) and are
-    #    never stored. (With a sigmoid they hold 0.5, which only their own, masked, rows see.)
-    x = tl.load(
-        logits_row + classes[:, None] * stride_logits_c + pixels[None, :] * stride_logits_s, mask=tile_ok, other=0.0
-    ).to(tl.float32)
+    # 1. logits and activation. (With a sigmoid, padded class rows hold 0.5, which only their own rows see.)
+    tile_ok, class_ok, pixel_ok, x = logits_tile(logits_row, classes, pixels, num_classes, num_pixels,
+                                                 stride_logits_c, stride_logits_s)
     q = x
-    log_q = x
-    if ACTIVATION == 1 or WITH_CE:
-        shifted = tl.where(class_ok[:, None], x, float("-inf"))
-        x_max = tl.max(shifted, axis=0)
-        e = tl.exp(shifted - x_max[None, :])
-        e_sum = tl.sum(e, axis=0)
-        q = e * (1.0 / e_sum)[None, :]
-        log_q = (x - x_max[None, :]) - tl.log(e_sum)[None, :]  # finite on padded rows (x = 0 there)
-    if ACTIVATION == 1:
+    lse = pixels * 0.0
+    if ACTIVATION == _SOFTMAX or WITH_CE:
+        q, _, shift, e_sum = softmax_tile(x, class_ok)
+        lse = shift + tl.log(e_sum)
+    if ACTIVATION == _SOFTMAX:
         p = q
-    elif ACTIVATION == 2:
+    elif ACTIVATION == _SIGMOID:
         p = tl.sigmoid(x)
     else:
         p = x
 
     # 2. target and pixel weight w.
     if TARGET_IS_LABELS:
-        # Read at the labels' own dtype, compared in int64: a uint8 map cannot hold -100, and an int64 label such as
-        # 2**32 + 1 must not wrap onto a class. An out-of-range label is never used as an address.
-        label = tl.load(target_row + pixels * stride_target_s, mask=pixel_ok, other=0).to(tl.int64)
+        label = label_tile(target_row, pixels, pixel_ok, stride_target_s)
         in_range = pixel_ok & (label >= 0) & (label < num_classes)
-        if MASK_MODE == 1:
+        if MASK_MODE == _MASK_LABEL:
             ignored = label == ignore_index
         else:
             ignored = label != label  # all False: only MASK_LABEL masks a label map
@@ -142,15 +152,15 @@ def _tile(
             target_row + classes[:, None] * stride_target_c + pixels[None, :] * stride_target_s, mask=tile_ok, other=0.0
         ).to(tl.float32)
         counted = pixel_ok.to(tl.float32)
-        if MASK_MODE == 2:
+        if MASK_MODE == _MASK_CHANNEL:
             # 1 - y[ignore_index], taken from the tile in registers (the launcher checks 0 <= ignore_index < C).
             w = (1.0 - tl.sum(tl.where(classes[:, None] == ignore_index, y, 0.0), axis=0)) * counted
-        elif MASK_MODE == 3:
+        elif MASK_MODE == _MASK_SENTINEL:
             w = (tl.sum(y, axis=0) > 0).to(tl.float32) * counted
         else:
             w = counted
         invalid = counted * 0.0
-    return tile_ok, x, p, q, log_q, y, w, counted, invalid
+    return tile_ok, x, p, q, lse, y, w, counted, invalid
 
 
 @triton.jit
@@ -180,11 +190,11 @@ def _modulator(p_w, y_w, gamma, gamma_case, BLOCK_C: tl.constexpr, BLOCK_S: tl.c
     return diff, m
 
 
-# ------------------------------------------------------------------------------------------------------- forward
+# ------------------------------------------------------------------------------------------- 1. forward partials
 
 
 @triton.jit
-def _dice_sums_fwd_kernel(
+def _dice_partials_kernel(
     # Output pointers
     sums_partial_ptr,
     extras_partial_ptr,
@@ -206,8 +216,6 @@ def _dice_sums_fwd_kernel(
     stride_target_b,
     stride_target_c,
     stride_target_s,
-    stride_gamma,
-    stride_ce_weight,
     stride_sums_partial_b,
     stride_sums_partial_p,
     stride_extras_partial_b,
@@ -227,7 +235,7 @@ def _dice_sums_fwd_kernel(
     sums_partial_ptr: (B, programs, C, 4) fp32, contiguous in its last two dims; [I, P, G, D] of the slice.
     extras_partial_ptr: (B, programs, 3) fp32, contiguous in its last dim; [ce_num, ce_den, invalid] of the slice.
     logits_ptr: (B, C, S) fp32/bf16/fp16. target_ptr: labels (B, S) of any integer dtype (stride_target_c unused),
-    or dense (B, C, S) of any float dtype. gamma_ptr, ce_weight_ptr: (C,) of any float dtype.
+    or dense (B, C, S) of any float dtype. gamma_ptr, ce_weight_ptr: (C,) rows of params, contiguous.
     Grid: (B, programs); pixels_per_program is a multiple of BLOCK_S.
     """
     image = tl.program_id(0).to(tl.int64)
@@ -242,10 +250,11 @@ def _dice_sums_fwd_kernel(
         first_pixel = first_pixel.to(tl.int32)  # the launcher checked every in-image offset fits
     class_ok = classes < num_classes
 
-    gamma = tl.load(gamma_ptr + classes * stride_gamma, mask=class_ok, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + classes, mask=class_ok, other=0.0).to(tl.float32)
     gamma_case = _gamma_case(gamma, class_ok)
-    ce_weight = tl.load(ce_weight_ptr + classes * stride_ce_weight, mask=class_ok, other=0.0).to(tl.float32)
+    ce_weight = tl.load(ce_weight_ptr + classes, mask=class_ok, other=0.0).to(tl.float32)
     smooth_share = label_smoothing / num_classes
+    ce_weight_sum = tl.sum(ce_weight, axis=0)
 
     acc_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_p = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -255,13 +264,12 @@ def _dice_sums_fwd_kernel(
     acc_ce_den = tl.zeros([BLOCK_S], dtype=tl.float32)
     acc_invalid = tl.zeros([BLOCK_S], dtype=tl.float32)
 
-    # ------------------------------------------------------------------ 1. walk the slice, BLOCK_S pixels at a time
-    # A while loop, not `for offset in range(0, pixels_per_program, BLOCK_S)`: with numpy >= 2.4 the Triton 3.6
-    # interpreter cannot use a runtime argument as a range bound (triton-lang/triton#9171), as in label_histogram.
+    # 1. walk the slice, BLOCK_S pixels at a time. A while loop, not `for offset in range(...)`: with numpy >= 2.4
+    #    the Triton 3.6 interpreter cannot use a runtime argument as a range bound (triton-lang/triton#9171).
     offset = 0
     while offset < pixels_per_program:
         pixels = first_pixel + offset + tl.arange(0, BLOCK_S)
-        tile_ok, x, p, q, log_q, y, w, counted, invalid = _tile(
+        tile_ok, x, p, q, lse, y, w, counted, invalid = _tile(
             logits_row, target_row, classes, pixels, num_classes, num_pixels, ignore_index,
             stride_logits_c, stride_logits_s, stride_target_c, stride_target_s,
             ACTIVATION, TARGET_IS_LABELS, MASK_MODE, WITH_CE,
@@ -284,25 +292,32 @@ def _dice_sums_fwd_kernel(
         acc_g += tl.sum(m * y_k, axis=1)
         acc_d += tl.sum(m * tl.abs(diff), axis=1)
 
-        # 3. cross entropy on the softmax of the raw logits (padded rows: weight 0).
+        # 3. cross entropy on the softmax of the raw logits (padded rows: weight 0). Terms with a zero factor are
+        #    selected away, not multiplied: a -inf logit (a masked class) has log_q = -inf, and torch's cross
+        #    entropy never reads it unless it is the label or label smoothing spreads weight onto it.
         if WITH_CE:
-            weighted_log_q = ce_weight[:, None] * log_q
             if TARGET_IS_LABELS:
-                picked = -tl.sum(y * log_q, axis=0)
+                # -log q at the label = lse - x[label], from the label's logit alone.
+                picked = lse - tl.sum(tl.where(y != 0.0, x, 0.0), axis=0)
                 label_weight = tl.sum(ce_weight[:, None] * y, axis=0)
-                smooth = -tl.sum(weighted_log_q, axis=0)
-                ce_term = (1.0 - label_smoothing) * label_weight * picked + smooth_share * smooth
+                ce_term = (1.0 - label_smoothing) * label_weight * picked
+                # sum_c cw_c (-log q_c) = lse sum_c cw_c - sum_c cw_c x_c: no (C, S) log-softmax tile; a -inf
+                # logit of a class with cw_c != 0 makes it inf (as torch), and eps = 0 must not multiply that.
+                smooth = lse * ce_weight_sum - tl.sum(tl.where(ce_weight[:, None] != 0.0, ce_weight[:, None] * x, 0.0),
+                                                      axis=0)
+                ce_term += tl.where(label_smoothing != 0.0, smooth_share * smooth, 0.0)
                 acc_ce_num += counted * ce_term
                 acc_ce_den += counted * label_weight
             else:
-                smoothed = (1.0 - label_smoothing) * y + smooth_share
-                acc_ce_num += counted * -tl.sum(smoothed * weighted_log_q, axis=0)
+                smoothed = ce_weight[:, None] * ((1.0 - label_smoothing) * y + smooth_share)
+                terms = tl.where(tile_ok & (smoothed != 0.0), smoothed * (x - lse[None, :]), 0.0)
+                acc_ce_num -= counted * tl.sum(terms, axis=0)
                 acc_ce_den += counted
         if TARGET_IS_LABELS:
             acc_invalid += invalid
         offset += BLOCK_S
 
-    # ------------------------------------------------------------------ 4. write this program's partial row
+    # 4. write this program's partial row
     sums_out = sums_partial_ptr + image * stride_sums_partial_b + program * stride_sums_partial_p + classes * 4
     tl.store(sums_out + 0, acc_i, mask=class_ok)
     tl.store(sums_out + 1, acc_p, mask=class_ok)
@@ -314,16 +329,293 @@ def _dice_sums_fwd_kernel(
     tl.store(extras_out + 2, tl.sum(acc_invalid, axis=0))
 
 
-# ------------------------------------------------------------------------------------------------------ backward
+# ------------------------------------------------------------------------------------------- 2. forward finalize
 
 
 @triton.jit
-def _dice_sums_bwd_kernel(
+def _image_sums(sums_partial_ptr, image, programs, classes, class_ok, stride_b, stride_p,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(I, P, G, D) of one image, (BLOCK_C,) each: its partial rows added in a fixed order (tiles of BLOCK_P rows,
+    then one reduction over the tile)."""
+    acc_i = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_p = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_d = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    first = 0
+    while first < programs:
+        rows = first + tl.arange(0, BLOCK_P)
+        ok = (rows < programs)[:, None] & class_ok[None, :]
+        at = sums_partial_ptr + image * stride_b + rows[:, None] * stride_p + classes[None, :] * 4
+        acc_i += tl.load(at + 0, mask=ok, other=0.0)
+        acc_p += tl.load(at + 1, mask=ok, other=0.0)
+        acc_g += tl.load(at + 2, mask=ok, other=0.0)
+        acc_d += tl.load(at + 3, mask=ok, other=0.0)
+        first += BLOCK_P
+    return tl.sum(acc_i, axis=0), tl.sum(acc_p, axis=0), tl.sum(acc_g, axis=0), tl.sum(acc_d, axis=0)
+
+
+@triton.jit
+def _image_extras(extras_partial_ptr, image, programs, stride_b, stride_p, BLOCK_P: tl.constexpr):
+    """(ce_num, ce_den, invalid) of one image: its partial rows added in a fixed order."""
+    acc_num = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_den = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_invalid = tl.zeros([BLOCK_P], dtype=tl.float32)
+    first = 0
+    while first < programs:
+        rows = first + tl.arange(0, BLOCK_P)
+        ok = rows < programs
+        at = extras_partial_ptr + image * stride_b + rows * stride_p
+        acc_num += tl.load(at + 0, mask=ok, other=0.0)
+        acc_den += tl.load(at + 1, mask=ok, other=0.0)
+        acc_invalid += tl.load(at + 2, mask=ok, other=0.0)
+        first += BLOCK_P
+    return tl.sum(acc_num, axis=0), tl.sum(acc_den, axis=0), tl.sum(acc_invalid, axis=0)
+
+
+@triton.jit
+def _class_head(i_sum, p_sum, g_sum, d_sum, kept, smooth_nr, smooth_dr, alpha, beta,
+                HEAD: tl.constexpr, JACCARD: tl.constexpr, SOFT: tl.constexpr):
+    """The per-class loss f and d f / d (I, P, D), (BLOCK_C,) each, of the Dice and Tversky heads.
+
+    Dice (reference.dice.dice_from_sums): f = 1 - (2 I' + nr) / (den + dr), den = P + G or, for Jaccard,
+    2 (P + G - I'). Tversky (reference.dice.tversky_from_sums): f = 1 - (I' + nr) / (I' + alpha (P - I') +
+    beta (G - I') + dr). I' = I, or MONAI's soft-label intersection (P + G - D) / 2 with SOFT. G has no gradient
+    (it holds only the target and the detached modulator).
+    """
+    if SOFT:
+        inter = (p_sum + g_sum - d_sum) * 0.5
+    else:
+        inter = i_sum
+    if HEAD == _HEAD_TVERSKY:
+        numerator = inter + smooth_nr
+        denominator = inter + alpha * (p_sum - inter) + beta * (g_sum - inter) + smooth_dr
+        f = 1.0 - numerator / denominator
+        df_inter = -1.0 / denominator + numerator * (1.0 - alpha - beta) / (denominator * denominator)
+        df_p = numerator * alpha / (denominator * denominator)
+    else:
+        numerator = 2.0 * inter + smooth_nr
+        if JACCARD:
+            denominator = 2.0 * (p_sum + g_sum - inter) + smooth_dr
+            df_inter = -2.0 / denominator - 2.0 * numerator / (denominator * denominator)
+            df_p = 2.0 * numerator / (denominator * denominator)
+        else:
+            denominator = p_sum + g_sum + smooth_dr
+            df_inter = -2.0 / denominator
+            df_p = numerator / (denominator * denominator)
+        f = 1.0 - numerator / denominator
+    if SOFT:
+        df_i = df_inter * 0.0
+        df_p = df_p + 0.5 * df_inter
+        df_d = -0.5 * df_inter
+    else:
+        df_i = df_inter
+        df_d = df_inter * 0.0
+    zero = f * 0.0
+    return tl.where(kept, f, zero), tl.where(kept, df_i, zero), tl.where(kept, df_p, zero), tl.where(kept, df_d, zero)
+
+
+@triton.jit
+def _generalized_head(i_sum, p_sum, g_sum, d_sum, kept, smooth_nr, smooth_dr,
+                      W_TYPE: tl.constexpr, SOFT: tl.constexpr):
+    """Generalized Dice of one unit (reference.dice.generalized_dice_from_sums): the scalar f and d f / d (I, P, D).
+
+    w_c = 1/G_c^2, 1/G_c or 1; an absent class (infinite weight) takes the largest finite weight of the unit.
+    f = 1 - (2 sum_c w_c I'_c + nr) / (sum_c w_c (P_c + G_c) + dr); the weights carry no gradient.
+    """
+    if W_TYPE == _W_SQUARE:
+        w = 1.0 / (g_sum * g_sum)
+    elif W_TYPE == _W_SIMPLE:
+        w = 1.0 / g_sum
+    else:
+        w = g_sum * 0.0 + 1.0
+    infinite = kept & (w == float("inf"))
+    w = tl.where(kept & ~infinite, w, 0.0)
+    w = w + tl.where(infinite, tl.max(w, axis=0), 0.0)
+    if SOFT:
+        inter = (p_sum + g_sum - d_sum) * 0.5
+    else:
+        inter = i_sum
+    numerator = 2.0 * tl.sum(inter * w, axis=0) + smooth_nr
+    denominator = tl.sum((p_sum + g_sum) * w, axis=0) + smooth_dr
+    f = 1.0 - numerator / denominator
+    df_inter = -2.0 * w / denominator
+    df_p = numerator * w / (denominator * denominator)
+    if SOFT:
+        return f, df_inter * 0.0, df_p + 0.5 * df_inter, -0.5 * df_inter
+    return f, df_inter, df_p, df_inter * 0.0
+
+
+@triton.jit
+def _dice_finalize_kernel(
+    # Output pointers
+    loss_ptr,
+    coef_ptr,
+    # Input pointers
+    sums_partial_ptr,
+    extras_partial_ptr,
+    weight_ptr,
+    # Sizes and scalar options
+    batch_size,
+    num_classes,
+    programs,
+    smooth_nr,
+    smooth_dr,
+    alpha,
+    beta,
+    lambda_dice,
+    lambda_ce,
+    # Strides
+    stride_sums_partial_b,
+    stride_sums_partial_p,
+    stride_extras_partial_b,
+    stride_extras_partial_p,
+    stride_coef_b,
+    stride_coef_k,
+    # Constexpr flags and blocks
+    SUMS_ONLY: tl.constexpr,
+    HEAD: tl.constexpr,
+    DROP: tl.constexpr,
+    BATCH: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    JACCARD: tl.constexpr,
+    SOFT: tl.constexpr,
+    W_TYPE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    WITH_CE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """One program: the per-image sums from the partial rows, then (unless SUMS_ONLY) the loss and its coefficients.
+
+    SUMS_ONLY: loss_ptr receives sums (B, C, 4) and coef_ptr extras (B, 3), both contiguous (the dice_sums op).
+    Otherwise loss_ptr: the loss, contiguous, of _contract.dice_loss_shape; coef_ptr: (B or 1, 4, C) fp32 with
+    strides (stride_coef_b, stride_coef_k, 1), rows DICE_COEF_*: d loss / d sum per (image, class), already scaled
+    by the reduction's 1/count, the class weight and lambda_dice; row DICE_COEF_CE column 0 (first image) holds
+    d loss / d ce_num. weight_ptr: (C,) class weights by full class index (read with HAS_WEIGHT).
+    """
+    classes = tl.arange(0, BLOCK_C)
+    class_ok = classes < num_classes
+    kept = class_ok & (classes >= DROP)
+
+    if SUMS_ONLY:
+        image = 0
+        while image < batch_size:
+            i_sum, p_sum, g_sum, d_sum = _image_sums(sums_partial_ptr, image, programs, classes, class_ok,
+                                                     stride_sums_partial_b, stride_sums_partial_p, BLOCK_C, BLOCK_P)
+            out = loss_ptr + image * num_classes * 4 + classes * 4
+            tl.store(out + 0, i_sum, mask=class_ok)
+            tl.store(out + 1, p_sum, mask=class_ok)
+            tl.store(out + 2, g_sum, mask=class_ok)
+            tl.store(out + 3, d_sum, mask=class_ok)
+            ce_num, ce_den, invalid = _image_extras(extras_partial_ptr, image, programs, stride_extras_partial_b,
+                                                    stride_extras_partial_p, BLOCK_P)
+            tl.store(coef_ptr + image * 3 + 0, ce_num)
+            tl.store(coef_ptr + image * 3 + 1, ce_den)
+            tl.store(coef_ptr + image * 3 + 2, invalid)
+            image += 1
+    else:
+        # 1. the batch's cross-entropy totals and bad labels: the coefficients below need them first.
+        ce_num = 0.0
+        ce_den = 0.0
+        invalid = 0.0
+        image = 0
+        while image < batch_size:
+            num, den, bad = _image_extras(extras_partial_ptr, image, programs, stride_extras_partial_b,
+                                          stride_extras_partial_p, BLOCK_P)
+            ce_num += num
+            ce_den += den
+            invalid += bad
+            image += 1
+        # A label outside [0, C) (unchecked CUDA labels) makes the loss NaN, as the reference's poison does; the
+        # gradient stays that of the valid pixels, as the reference's (the poison is a constant).
+        poison = tl.where(invalid > 0.0, float("nan"), 0.0)
+
+        # The Dice part's values: (B or 1) units times (C' kept classes, or 1 for generalized Dice). The mean's
+        # 1 / count, lambda_dice and the class weights go into the coefficients here, once.
+        kept_classes = num_classes - DROP
+        units = batch_size
+        if BATCH:
+            units = 1
+        count = units * 1.0
+        if HEAD != _HEAD_GENERALIZED:
+            count = count * kept_classes
+        scale = lambda_dice
+        if REDUCTION == _MEAN:
+            scale = lambda_dice / count
+        if HAS_WEIGHT:
+            weight = tl.load(weight_ptr + classes, mask=kept, other=0.0).to(tl.float32)
+        else:
+            weight = tl.where(kept, 1.0, 0.0)
+
+        # 2. the Dice part, per unit: the whole batch, or each image.
+        total = 0.0
+        unit = 0
+        while unit < units:
+            if BATCH:
+                i_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+                p_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+                g_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+                d_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+                image = 0
+                while image < batch_size:
+                    i_b, p_b, g_b, d_b = _image_sums(sums_partial_ptr, image, programs, classes, class_ok,
+                                                     stride_sums_partial_b, stride_sums_partial_p, BLOCK_C, BLOCK_P)
+                    i_sum += i_b
+                    p_sum += p_b
+                    g_sum += g_b
+                    d_sum += d_b
+                    image += 1
+            else:
+                i_sum, p_sum, g_sum, d_sum = _image_sums(sums_partial_ptr, unit, programs, classes, class_ok,
+                                                         stride_sums_partial_b, stride_sums_partial_p, BLOCK_C,
+                                                         BLOCK_P)
+            if HEAD == _HEAD_GENERALIZED:
+                f, df_i, df_p, df_d = _generalized_head(i_sum, p_sum, g_sum, d_sum, kept, smooth_nr, smooth_dr,
+                                                        W_TYPE, SOFT)
+                total += f
+                if REDUCTION == _NONE:
+                    tl.store(loss_ptr + unit, f + poison)
+            else:
+                f, df_i, df_p, df_d = _class_head(i_sum, p_sum, g_sum, d_sum, kept, smooth_nr, smooth_dr, alpha,
+                                                  beta, HEAD, JACCARD, SOFT)
+                f = f * weight
+                df_i = df_i * weight
+                df_p = df_p * weight
+                df_d = df_d * weight
+                total += tl.sum(f, axis=0)
+                if REDUCTION == _NONE:
+                    tl.store(loss_ptr + unit * kept_classes + classes - DROP, f + poison, mask=kept)
+            coef_row = coef_ptr + unit * stride_coef_b + classes
+            tl.store(coef_row + _ROW_I * stride_coef_k, df_i * scale, mask=class_ok)
+            tl.store(coef_row + _ROW_P * stride_coef_k, df_p * scale, mask=class_ok)
+            tl.store(coef_row + _ROW_CE * stride_coef_k, df_p * 0.0, mask=class_ok)
+            tl.store(coef_row + _ROW_D * stride_coef_k, df_d * scale, mask=class_ok)
+            unit += 1
+
+        # 3. the loss value (mean or sum) and the cross entropy's coefficient.
+        if REDUCTION != _NONE:
+            loss = total * scale
+            if WITH_CE:
+                if REDUCTION == _MEAN:
+                    loss += lambda_ce * (ce_num / ce_den)
+                    ce_coefficient = lambda_ce / ce_den
+                else:
+                    loss += lambda_ce * ce_num
+                    ce_coefficient = lambda_ce
+                tl.store(coef_ptr + _ROW_CE * stride_coef_k, ce_coefficient)
+            tl.store(loss_ptr, loss + poison)
+
+
+# ------------------------------------------------------------------------------------------------------ 3. backward
+
+
+@triton.jit
+def _dice_bwd_kernel(
     # Output pointers
     grad_logits_ptr,
     # Input pointers
-    grad_sums_ptr,
-    grad_extras_ptr,
+    coef_ptr,
+    grad_loss_ptr,
     logits_ptr,
     target_ptr,
     gamma_ptr,
@@ -338,19 +630,20 @@ def _dice_sums_bwd_kernel(
     stride_grad_logits_b,
     stride_grad_logits_c,
     stride_grad_logits_s,
-    stride_grad_sums_b,
-    stride_grad_sums_c,
-    stride_grad_sums_k,
-    stride_grad_extras_b,
+    stride_coef_b,
+    stride_coef_c,
+    stride_coef_k,
+    stride_grad_loss_b,
+    stride_grad_loss_c,
     stride_logits_b,
     stride_logits_c,
     stride_logits_s,
     stride_target_b,
     stride_target_c,
     stride_target_s,
-    stride_gamma,
-    stride_ce_weight,
     # Constexpr flags and blocks
+    SCALED: tl.constexpr,
+    DROP: tl.constexpr,
     ACTIVATION: tl.constexpr,
     TARGET_IS_LABELS: tl.constexpr,
     MASK_MODE: tl.constexpr,
@@ -362,9 +655,14 @@ def _dice_sums_bwd_kernel(
 ):
     """Gradient of pixels [k * pixels_per_program, (k + 1) * pixels_per_program) of image b.
 
-    grad_logits_ptr: (B, C, S) in the logits' dtype, any strides. grad_sums_ptr: (B, C, 4), grad_extras_ptr: (B, 3),
-    any float dtype and strides (only columns I, P, D and ce_num are read). The other pointers as in the forward.
-    Grid: (B, programs); pixels_per_program is a multiple of BLOCK_S.
+    grad_logits_ptr: (B, C, S) in the logits' dtype, any strides. The other inputs as in the forward, and:
+      - SCALED (the dice_loss op): coef_ptr the finalize kernel's coefficients (strides b, c, k; stride_coef_b = 0
+        with batch) and grad_loss_ptr the loss's upstream gradient, read at image * stride_grad_loss_b +
+        (class - DROP) * stride_grad_loss_c (zero strides for a scalar loss); the cross entropy's is at row
+        DICE_COEF_CE of image 0 times the scalar grad_loss.
+      - not SCALED (the dice_sums op): coef_ptr is grad_sums (B, C, 4) (strides b, c, k) and grad_loss_ptr
+        grad_extras (B, 3) (stride_grad_loss_b; column 0 is ce_num's).
+    The rows of both layouts have the same indices (DICE_COEF_I = DICE_SUM_I, ...). Grid: (B, programs).
     """
     image = tl.program_id(0).to(tl.int64)
     program = tl.program_id(1).to(tl.int64)
@@ -379,32 +677,44 @@ def _dice_sums_bwd_kernel(
         first_pixel = first_pixel.to(tl.int32)
     class_ok = classes < num_classes
 
-    gamma = tl.load(gamma_ptr + classes * stride_gamma, mask=class_ok, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + classes, mask=class_ok, other=0.0).to(tl.float32)
     gamma_case = _gamma_case(gamma, class_ok)
-    grad_sums_row = grad_sums_ptr + image * stride_grad_sums_b + classes * stride_grad_sums_c
-    grad_i = tl.load(grad_sums_row, mask=class_ok, other=0.0).to(tl.float32)
-    grad_p = tl.load(grad_sums_row + stride_grad_sums_k, mask=class_ok, other=0.0).to(tl.float32)
-    grad_d = tl.load(grad_sums_row + 3 * stride_grad_sums_k, mask=class_ok, other=0.0).to(tl.float32)
+
+    # 0. d loss / d (I, P, D) of this image's classes, and d loss / d ce_num.
+    coef_row = coef_ptr + image * stride_coef_b + classes * stride_coef_c
+    grad_i = tl.load(coef_row + _ROW_I * stride_coef_k, mask=class_ok, other=0.0).to(tl.float32)
+    grad_p = tl.load(coef_row + _ROW_P * stride_coef_k, mask=class_ok, other=0.0).to(tl.float32)
+    grad_d = tl.load(coef_row + _ROW_D * stride_coef_k, mask=class_ok, other=0.0).to(tl.float32)
+    if SCALED:
+        kept = class_ok & (classes >= DROP)
+        upstream = tl.load(grad_loss_ptr + image * stride_grad_loss_b + (classes - DROP) * stride_grad_loss_c,
+                           mask=kept, other=0.0).to(tl.float32)
+        grad_i = grad_i * upstream
+        grad_p = grad_p * upstream
+        grad_d = grad_d * upstream
     if SQUARED:
         grad_p = 2.0 * grad_p  # d(p'^2)/dp' = 2 p'
     if WITH_CE:
-        grad_ce = tl.load(grad_extras_ptr + image * stride_grad_extras_b).to(tl.float32)
-        ce_weight = tl.load(ce_weight_ptr + classes * stride_ce_weight, mask=class_ok, other=0.0).to(tl.float32)
+        if SCALED:
+            grad_ce = (tl.load(coef_ptr + _ROW_CE * stride_coef_k).to(tl.float32)
+                       * tl.load(grad_loss_ptr).to(tl.float32))
+        else:
+            grad_ce = tl.load(grad_loss_ptr + image * stride_grad_loss_b).to(tl.float32)
+        ce_weight = tl.load(ce_weight_ptr + classes, mask=class_ok, other=0.0).to(tl.float32)
         ce_weight_sum = tl.sum(ce_weight, axis=0)
         smooth_share = label_smoothing / num_classes
 
     offset = 0
     while offset < pixels_per_program:
         pixels = first_pixel + offset + tl.arange(0, BLOCK_S)
-        tile_ok, x, p, q, log_q, y, w, counted, invalid = _tile(
+        tile_ok, x, p, q, lse, y, w, counted, invalid = _tile(
             logits_row, target_row, classes, pixels, num_classes, num_pixels, ignore_index,
             stride_logits_c, stride_logits_s, stride_target_c, stride_target_s,
             ACTIVATION, TARGET_IS_LABELS, MASK_MODE, WITH_CE,
         )  # fmt: skip
 
-        # ------------------------------------------------------------------ 1. the Dice part, dL/dp
-        # dL/dp = w m (gI y' + gP k p'^(k-1) + gD sign(p' - y')): m is a constant (detached in the reference), and
-        # sign(0) = 0, as torch.abs's gradient.
+        # 1. the Dice part, dL/dp = w m (gI y' + gP k p'^(k-1) + gD sign(p' - y')): m is a constant (detached in the
+        #    reference), and sign(0) = 0, as torch.abs's gradient.
         p_w = p * w[None, :]
         y_w = y * w[None, :]
         diff, m = _modulator(p_w, y_w, gamma, gamma_case, BLOCK_C, BLOCK_S)
@@ -415,16 +725,15 @@ def _dice_sums_bwd_kernel(
             d_power = grad_p[:, None]
         g = (m * (grad_i[:, None] * y_w + d_power + grad_d[:, None] * sign)) * w[None, :]
 
-        # ------------------------------------------------------------------ 2. through the activation
-        if ACTIVATION == 1:
+        # 2. through the activation
+        if ACTIVATION == _SOFTMAX:
             dx = p * (g - tl.sum(p * g, axis=0)[None, :])  # softmax: p_j (g_j - sum_c p_c g_c)
-        elif ACTIVATION == 2:
+        elif ACTIVATION == _SIGMOID:
             dx = g * p * (1.0 - p)
         else:
             dx = g
 
-        # ------------------------------------------------------------------ 3. cross entropy
-        # d(-log q_c)/dx_j = q_j - [j == c], weighted as in the reference's ce_num.
+        # 3. cross entropy: d(-log q_c)/dx_j = q_j - [j == c], weighted as in the reference's ce_num.
         if WITH_CE:
             if TARGET_IS_LABELS:
                 label_weight = tl.sum(ce_weight[:, None] * y, axis=0)
@@ -443,21 +752,21 @@ def _dice_sums_bwd_kernel(
 # ------------------------------------------------------------------------------------------------------ launchers
 
 
-def _launch_sizes(num_classes: int, num_pixels: int) -> tuple[int, int, int, int, int]:
-    """Heuristic launch sizes: (BLOCK_C, BLOCK_S, num_warps, programs per image, pixels per program).
+def _launch_sizes(batch: int, num_classes: int, num_pixels: int) -> tuple[int, int, int, int]:
+    """Heuristic launch sizes: (BLOCK_C, BLOCK_S, programs per image, pixels per program), with 4 warps.
 
     BLOCK_C holds the whole class axis; BLOCK_S = _TILE_ELEMENTS / BLOCK_C clamped to [_MIN_BLOCK_S, _MAX_BLOCK_S]
-    (C = 4: 512 pixels, C = 14: 128, C = 128: 16), with 4 warps, so a thread holds 16 values of a tile. Programs per
-    image: one per BLOCK_S step up to _MAX_PROGRAMS_PER_IMAGE, then several steps each. Ceiling divisions
-    throughout, so the partial buffer has a row for every program and no program starts past the end of the image.
+    (C = 4: 512 pixels, C = 14: 128, C = 128: 16), so a thread holds 16 values of a tile. Programs per image: one per
+    BLOCK_S step, up to _MAX_PROGRAMS_PER_IMAGE and _MAX_PROGRAMS over the batch; then several steps each. Ceiling
+    divisions throughout, so the partial buffer has a row for every program and no program starts past the end.
     """
     block_c = triton.next_power_of_2(num_classes)
     block_s = min(_MAX_BLOCK_S, max(_MIN_BLOCK_S, _TILE_ELEMENTS // block_c))
-    num_warps = 4
-    steps = triton.cdiv(num_pixels, block_s)
-    steps_per_program = triton.cdiv(steps, _MAX_PROGRAMS_PER_IMAGE)
+    steps = max(1, triton.cdiv(num_pixels, block_s))  # an empty image still has one (empty) program
+    cap = max(1, min(_MAX_PROGRAMS_PER_IMAGE, _MAX_PROGRAMS // max(batch, 1)))
+    steps_per_program = triton.cdiv(steps, cap)
     programs = triton.cdiv(steps, steps_per_program)
-    return block_c, block_s, num_warps, programs, steps_per_program * block_s
+    return block_c, block_s, programs, steps_per_program * block_s
 
 
 def _needs_int64(span: int, block_c: int, *strides: tuple[int, int]) -> bool:
@@ -473,30 +782,23 @@ def _needs_int64(span: int, block_c: int, *strides: tuple[int, int]) -> bool:
     return any((block_c - 1) * abs(stride_c) + (span - 1) * abs(stride_s) >= limit for stride_c, stride_s in strides)
 
 
-def _check(
-    op: str,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    gamma: torch.Tensor,
-    ce_weight: torch.Tensor,
-    activation: int,
-    target_is_labels: bool,
-    ignore_index: int,
-    mask_mode: int,
-    tensors: dict[str, torch.Tensor],
-) -> None:
+def _check(op: str, logits: torch.Tensor, target: torch.Tensor, params: torch.Tensor, codes: list[int],
+           scalars: list[float], tensors: dict[str, torch.Tensor]) -> None:
     """The launchers' checks: shapes, dtypes, devices and option values (none reads tensor data)."""
+    if len(codes) != K.DICE_NUM_CODES or len(scalars) != K.DICE_NUM_SCALARS:
+        raise ValueError(f"{op}: codes must have {K.DICE_NUM_CODES} entries and scalars {K.DICE_NUM_SCALARS} "
+                         f"(torch_medloss._contract), got {len(codes)} and {len(scalars)}.")
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits must be 3-D (B, C, S), got shape {tuple(logits.shape)}.")
     if logits.dtype not in _LOGITS_DTYPES:
         raise ValueError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}.")
     batch, num_classes, num_pixels = logits.shape
-    if not 1 <= num_classes <= _MAX_CLASSES:
+    if not 1 <= num_classes <= K.DICE_MAX_CLASSES:
         raise ValueError(
-            f"{op}: the number of classes (logits.shape[1]) must be in [1, {_MAX_CLASSES}] for the Triton kernel, "
-            f"got {num_classes}; use the cuda or reference backend."
+            f"{op}: the number of classes (logits.shape[1]) must be in [1, {K.DICE_MAX_CLASSES}] for the Triton "
+            f"kernel, got {num_classes}; use the reference backend."
         )
-    if target_is_labels:
+    if codes[K.DICE_CODE_TARGET_IS_LABELS]:
         if tuple(target.shape) != (batch, num_pixels):
             raise ValueError(
                 f"{op}: a label target must have shape (B, S) = {(batch, num_pixels)} for logits of shape "
@@ -511,182 +813,245 @@ def _check(
             )
         if not target.dtype.is_floating_point:
             raise ValueError(f"{op}: a dense target must be a float tensor, got {target.dtype}.")
-    for name, vector in (("gamma", gamma), ("ce_weight", ce_weight)):
-        if tuple(vector.shape) != (num_classes,) or not vector.dtype.is_floating_point:
-            raise ValueError(
-                f"{op}: {name} must be a float tensor of shape (C,) = ({num_classes},), got {vector.dtype} of shape "
-                f"{tuple(vector.shape)}."
-            )
-    if activation not in (_ACTIVATION_NONE, _ACTIVATION_SOFTMAX, _ACTIVATION_SIGMOID):
+    if tuple(params.shape) != (K.DICE_PARAM_ROWS, num_classes) or not params.dtype.is_floating_point \
+            or params.stride(1) != 1:
+        raise ValueError(f"{op}: params must be a float tensor of shape ({K.DICE_PARAM_ROWS}, C) = "
+                         f"({K.DICE_PARAM_ROWS}, {num_classes}) with unit class stride, got {params.dtype} of shape "
+                         f"{tuple(params.shape)}.")
+    activation, mask_mode = codes[K.DICE_CODE_ACTIVATION], codes[K.DICE_CODE_MASK_MODE]
+    if activation not in (K.ACTIVATION_NONE, K.ACTIVATION_SOFTMAX, K.ACTIVATION_SIGMOID):
         raise ValueError(f"{op}: activation must be 0 (none), 1 (softmax) or 2 (sigmoid), got {activation}.")
-    if mask_mode not in (_MASK_NONE, _MASK_LABEL, _MASK_CHANNEL, _MASK_SENTINEL):
+    if mask_mode not in (K.MASK_NONE, K.MASK_LABEL, K.MASK_CHANNEL, K.MASK_SENTINEL):
         raise ValueError(f"{op}: mask_mode must be 0, 1, 2 or 3, got {mask_mode}.")
-    if mask_mode == _MASK_CHANNEL and not target_is_labels and not 0 <= ignore_index < num_classes:
-        raise ValueError(
-            f"{op}: mask_mode 2 (w = 1 - y[:, ignore_index]) needs 0 <= ignore_index < C = {num_classes}, "
-            f"got {ignore_index}."
-        )
+    ignore_index = codes[K.DICE_CODE_IGNORE_INDEX]
+    if mask_mode == K.MASK_CHANNEL and not codes[K.DICE_CODE_TARGET_IS_LABELS] and not 0 <= ignore_index < num_classes:
+        raise ValueError(f"{op}: mask_mode 2 (w = 1 - y[:, ignore_index]) needs 0 <= ignore_index < C = "
+                         f"{num_classes}, got {ignore_index}.")
+    if codes[K.DICE_CODE_DROP_BACKGROUND] and num_classes < 2:
+        raise ValueError(f"{op}: drop_background needs C >= 2, got {num_classes}.")
     for name, tensor in tensors.items():
         if tensor.device != logits.device:
             raise ValueError(f"{op}: {name} is on {tensor.device}, the logits on {logits.device}.")
 
 
-@triton_op("torch_medloss::dice_sums_fwd_triton", mutates_args=())
-def dice_sums_fwd_triton(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    gamma: torch.Tensor,
-    ce_weight: torch.Tensor,
-    activation: int,
-    target_is_labels: bool,
-    ignore_index: int,
-    mask_mode: int,
-    squared: bool,
-    with_ce: bool,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check, allocate, launch: (sums (B, C, 4), extras (B, 3)) in float32, as reference.dice_sums.dice_sums_fwd."""
-    op = "torch_medloss::dice_sums_fwd_triton"
-    _check(op, logits, target, gamma, ce_weight, activation, target_is_labels, ignore_index, mask_mode,
-           {"target": target, "gamma": gamma, "ce_weight": ce_weight})  # fmt: skip
+def _layout(logits: torch.Tensor, target: torch.Tensor, codes: list[int], *others: torch.Tensor):
+    """(block_c, block_s, programs, pixels_per_program, target class stride, int64 offsets) of a launch."""
     batch, num_classes, num_pixels = logits.shape
-    if logits.numel() == 0:
-        sums = logits.new_zeros((batch, num_classes, 4), dtype=torch.float32)
-        return sums, logits.new_zeros((batch, 3), dtype=torch.float32)
+    block_c, block_s, programs, pixels_per_program = _launch_sizes(batch, num_classes, num_pixels)
+    target_stride_c = 0 if codes[K.DICE_CODE_TARGET_IS_LABELS] else target.stride(1)
+    strides = [(logits.stride(1), logits.stride(2)), (target_stride_c, target.stride(-1))]
+    strides += [(t.stride(1), t.stride(2)) for t in others]
+    int64_offsets = _needs_int64(programs * pixels_per_program, block_c, *strides)
+    return block_c, block_s, programs, pixels_per_program, target_stride_c, int64_offsets
 
-    block_c, block_s, num_warps, programs, pixels_per_program = _launch_sizes(num_classes, num_pixels)
-    target_stride_c = 0 if target_is_labels else target.stride(1)
-    int64_offsets = _needs_int64(
-        programs * pixels_per_program,
-        block_c,
-        (logits.stride(1), logits.stride(2)),
-        (target_stride_c, target.stride(-1)),
-    )
+
+def _kernel_flags(codes: list[int]) -> dict:
+    return {
+        "ACTIVATION": codes[K.DICE_CODE_ACTIVATION],
+        "TARGET_IS_LABELS": bool(codes[K.DICE_CODE_TARGET_IS_LABELS]),
+        "MASK_MODE": codes[K.DICE_CODE_MASK_MODE],
+        "SQUARED": bool(codes[K.DICE_CODE_SQUARED]),
+        "WITH_CE": bool(codes[K.DICE_CODE_WITH_CE]),
+    }
+
+
+def _forward(logits, target, params, codes, scalars, loss, coef, sums_only: bool) -> None:
+    """Launch the partials and the finalize kernels into ``loss`` and ``coef`` (see _dice_finalize_kernel)."""
+    batch, num_classes, num_pixels = logits.shape
+    block_c, block_s, programs, pixels_per_program, target_stride_c, int64_offsets = _layout(logits, target, codes)
     sums_partial = logits.new_empty((batch, programs, num_classes, 4), dtype=torch.float32)
     extras_partial = logits.new_empty((batch, programs, 3), dtype=torch.float32)
+    block_p = max(1, _FINALIZE_TILE // block_c)
     with on_device(sums_partial):
-        wrap_triton(_dice_sums_fwd_kernel)[(batch, programs)](
+        # An empty batch launches no partials; the finalize still gives its loss (NaN for a mean over nothing, as
+        # the reference's mean of an empty tensor; 0 for a sum, and batch Dice of zero sums).
+        if batch > 0:
+            wrap_triton(_dice_partials_kernel)[(batch, programs)](
+                sums_partial,
+                extras_partial,
+                logits,
+                target,
+                params[K.DICE_PARAM_GAMMA],
+                params[K.DICE_PARAM_CE_WEIGHT],
+                num_classes,
+                num_pixels,
+                pixels_per_program,
+                codes[K.DICE_CODE_IGNORE_INDEX],
+                scalars[K.DICE_SCALAR_LABEL_SMOOTHING],
+                logits.stride(0),
+                logits.stride(1),
+                logits.stride(2),
+                target.stride(0),
+                target_stride_c,
+                target.stride(-1),
+                sums_partial.stride(0),
+                sums_partial.stride(1),
+                extras_partial.stride(0),
+                extras_partial.stride(1),
+                INT64_OFFSETS=int64_offsets,
+                BLOCK_C=block_c,
+                BLOCK_S=block_s,
+                num_warps=4,
+                **_kernel_flags(codes),
+            )
+        wrap_triton(_dice_finalize_kernel)[(1,)](
+            loss,
+            coef,
             sums_partial,
             extras_partial,
+            params[K.DICE_PARAM_WEIGHT],
+            batch,
+            num_classes,
+            programs,
+            scalars[K.DICE_SCALAR_SMOOTH_NR],
+            scalars[K.DICE_SCALAR_SMOOTH_DR],
+            scalars[K.DICE_SCALAR_ALPHA],
+            scalars[K.DICE_SCALAR_BETA],
+            scalars[K.DICE_SCALAR_LAMBDA_DICE],
+            scalars[K.DICE_SCALAR_LAMBDA_CE],
+            sums_partial.stride(0),
+            sums_partial.stride(1),
+            extras_partial.stride(0),
+            extras_partial.stride(1),
+            0 if sums_only else coef.stride(0),
+            0 if sums_only else coef.stride(1),
+            SUMS_ONLY=sums_only,
+            HEAD=codes[K.DICE_CODE_HEAD],
+            DROP=codes[K.DICE_CODE_DROP_BACKGROUND],
+            BATCH=bool(codes[K.DICE_CODE_BATCH]),
+            REDUCTION=codes[K.DICE_CODE_REDUCTION],
+            JACCARD=bool(codes[K.DICE_CODE_JACCARD]),
+            SOFT=bool(codes[K.DICE_CODE_SOFT_INTERSECTION]),
+            W_TYPE=codes[K.DICE_CODE_W_TYPE],
+            HAS_WEIGHT=bool(codes[K.DICE_CODE_HAS_WEIGHT]),
+            WITH_CE=bool(codes[K.DICE_CODE_WITH_CE]),
+            BLOCK_C=block_c,
+            BLOCK_P=block_p,
+            num_warps=4,
+        )
+
+
+def _backward(grad_logits, coef, grad_loss, logits, target, params, codes, scalars, coef_strides, loss_strides,
+              scaled: bool) -> None:
+    batch, num_classes, num_pixels = logits.shape
+    block_c, block_s, programs, pixels_per_program, target_stride_c, int64_offsets = _layout(
+        logits, target, codes, grad_logits)
+    with on_device(grad_logits):
+        wrap_triton(_dice_bwd_kernel)[(batch, programs)](
+            grad_logits,
+            coef,
+            grad_loss,
             logits,
             target,
-            gamma,
-            ce_weight,
+            params[K.DICE_PARAM_GAMMA],
+            params[K.DICE_PARAM_CE_WEIGHT],
             num_classes,
             num_pixels,
             pixels_per_program,
-            ignore_index,
-            label_smoothing,
+            codes[K.DICE_CODE_IGNORE_INDEX],
+            scalars[K.DICE_SCALAR_LABEL_SMOOTHING],
+            grad_logits.stride(0),
+            grad_logits.stride(1),
+            grad_logits.stride(2),
+            *coef_strides,
+            *loss_strides,
             logits.stride(0),
             logits.stride(1),
             logits.stride(2),
             target.stride(0),
             target_stride_c,
             target.stride(-1),
-            gamma.stride(0),
-            ce_weight.stride(0),
-            sums_partial.stride(0),
-            sums_partial.stride(1),
-            extras_partial.stride(0),
-            extras_partial.stride(1),
-            ACTIVATION=activation,
-            TARGET_IS_LABELS=target_is_labels,
-            MASK_MODE=mask_mode,
-            SQUARED=squared,
-            WITH_CE=with_ce,
+            SCALED=scaled,
+            DROP=codes[K.DICE_CODE_DROP_BACKGROUND],
             INT64_OFFSETS=int64_offsets,
             BLOCK_C=block_c,
             BLOCK_S=block_s,
-            num_warps=num_warps,
+            num_warps=4,
+            **_kernel_flags(codes),
         )
-    # Fixed-order reduction of the per-program rows: deterministic, no atomics.
-    return sums_partial.sum(dim=1), extras_partial.sum(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------------ ops
+
+
+@triton_op("torch_medloss::dice_sums_fwd_triton", mutates_args=())
+def dice_sums_fwd_triton(logits: torch.Tensor, target: torch.Tensor, params: torch.Tensor, codes: list[int],
+                         scalars: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums (B, C, 4), extras (B, 3)) in float32, as reference.dice_sums.dice_sums_fwd: two launches."""
+    _check("torch_medloss::dice_sums_fwd_triton", logits, target, params, codes, scalars,
+           {"target": target, "params": params})
+    batch, num_classes, _ = logits.shape
+    sums = logits.new_empty((batch, num_classes, K.DICE_NUM_SUMS), dtype=torch.float32)
+    extras = logits.new_empty((batch, K.DICE_NUM_EXTRAS), dtype=torch.float32)
+    if logits.numel() == 0:
+        return sums.zero_(), extras.zero_()
+    _forward(logits, target, params, codes, scalars, sums, extras, sums_only=True)
+    return sums, extras
 
 
 @triton_op("torch_medloss::dice_sums_bwd_triton", mutates_args=())
-def dice_sums_bwd_triton(
-    grad_sums: torch.Tensor,
-    grad_extras: torch.Tensor,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    gamma: torch.Tensor,
-    ce_weight: torch.Tensor,
-    activation: int,
-    target_is_labels: bool,
-    ignore_index: int,
-    mask_mode: int,
-    squared: bool,
-    with_ce: bool,
-    label_smoothing: float,
-) -> torch.Tensor:
-    """Check, allocate, launch: grad_logits (B, C, S) in the logits' dtype and layout, as dice_sums_bwd."""
+def dice_sums_bwd_triton(grad_sums: torch.Tensor, grad_extras: torch.Tensor, logits: torch.Tensor,
+                         target: torch.Tensor, params: torch.Tensor, codes: list[int],
+                         scalars: list[float]) -> torch.Tensor:
+    """d(<grad_sums, sums> + <grad_extras, extras>)/d(logits) in the logits' dtype and layout: one launch."""
     op = "torch_medloss::dice_sums_bwd_triton"
-    _check(op, logits, target, gamma, ce_weight, activation, target_is_labels, ignore_index, mask_mode,
-           {"target": target, "gamma": gamma, "ce_weight": ce_weight, "grad_sums": grad_sums,
-            "grad_extras": grad_extras})  # fmt: skip
-    batch, num_classes, num_pixels = logits.shape
-    if tuple(grad_sums.shape) != (batch, num_classes, 4) or not grad_sums.dtype.is_floating_point:
-        raise ValueError(
-            f"{op}: grad_sums must be a float tensor of shape (B, C, 4) = {(batch, num_classes, 4)}, got "
-            f"{grad_sums.dtype} of shape {tuple(grad_sums.shape)}."
-        )
-    if tuple(grad_extras.shape) != (batch, 3) or not grad_extras.dtype.is_floating_point:
-        raise ValueError(
-            f"{op}: grad_extras must be a float tensor of shape (B, 3) = {(batch, 3)}, got {grad_extras.dtype} of "
-            f"shape {tuple(grad_extras.shape)}."
-        )
+    _check(op, logits, target, params, codes, scalars,
+           {"target": target, "params": params, "grad_sums": grad_sums, "grad_extras": grad_extras})
+    batch, num_classes, _ = logits.shape
+    for name, grad, shape in (("grad_sums", grad_sums, (batch, num_classes, K.DICE_NUM_SUMS)),
+                              ("grad_extras", grad_extras, (batch, K.DICE_NUM_EXTRAS))):
+        if tuple(grad.shape) != shape or not grad.dtype.is_floating_point:
+            raise ValueError(f"{op}: {name} must be a float tensor of shape {shape}, got {grad.dtype} of shape "
+                             f"{tuple(grad.shape)}.")
     # empty_like keeps the strides of a dense layout (a channels_last-derived (S*C, 1, C) view stays so), which makes
     # the gradient stores as coalesced as the logits loads.
     grad_logits = torch.empty_like(logits)
     if logits.numel() == 0:
         return grad_logits
+    _backward(grad_logits, grad_sums, grad_extras, logits, target, params, codes, scalars,
+              (grad_sums.stride(0), grad_sums.stride(1), grad_sums.stride(2)), (grad_extras.stride(0), 0),
+              scaled=False)
+    return grad_logits
 
-    block_c, block_s, num_warps, programs, pixels_per_program = _launch_sizes(num_classes, num_pixels)
-    target_stride_c = 0 if target_is_labels else target.stride(1)
-    int64_offsets = _needs_int64(
-        programs * pixels_per_program,
-        block_c,
-        (logits.stride(1), logits.stride(2)),
-        (target_stride_c, target.stride(-1)),
-        (grad_logits.stride(1), grad_logits.stride(2)),
-    )
-    with on_device(grad_logits):
-        wrap_triton(_dice_sums_bwd_kernel)[(batch, programs)](
-            grad_logits,
-            grad_sums,
-            grad_extras,
-            logits,
-            target,
-            gamma,
-            ce_weight,
-            num_classes,
-            num_pixels,
-            pixels_per_program,
-            ignore_index,
-            label_smoothing,
-            grad_logits.stride(0),
-            grad_logits.stride(1),
-            grad_logits.stride(2),
-            grad_sums.stride(0),
-            grad_sums.stride(1),
-            grad_sums.stride(2),
-            grad_extras.stride(0),
-            logits.stride(0),
-            logits.stride(1),
-            logits.stride(2),
-            target.stride(0),
-            target_stride_c,
-            target.stride(-1),
-            gamma.stride(0),
-            ce_weight.stride(0),
-            ACTIVATION=activation,
-            TARGET_IS_LABELS=target_is_labels,
-            MASK_MODE=mask_mode,
-            SQUARED=squared,
-            WITH_CE=with_ce,
-            INT64_OFFSETS=int64_offsets,
-            BLOCK_C=block_c,
-            BLOCK_S=block_s,
-            num_warps=num_warps,
-        )
+
+@triton_op("torch_medloss::dice_loss_fwd_triton", mutates_args=())
+def dice_loss_fwd_triton(logits: torch.Tensor, target: torch.Tensor, params: torch.Tensor, codes: list[int],
+                         scalars: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, coefficients): the loss of the codes' head (shape _contract.dice_loss_shape, float32) and the
+    coefficients (B or 1, 4, C) its backward reads. Two launches."""
+    _check("torch_medloss::dice_loss_fwd_triton", logits, target, params, codes, scalars,
+           {"target": target, "params": params})
+    batch, num_classes, _ = logits.shape
+    loss = logits.new_empty(K.dice_loss_shape(batch, num_classes, codes), dtype=torch.float32)
+    coef = logits.new_empty((K.dice_coefficient_rows(batch, codes), K.DICE_NUM_COEFFICIENTS, num_classes),
+                            dtype=torch.float32)
+    # An empty image or batch still has a loss (of zero sums, or NaN for the mean over no image), so the kernels run.
+    _forward(logits, target, params, codes, scalars, loss, coef, sums_only=False)
+    return loss, coef
+
+
+@triton_op("torch_medloss::dice_loss_bwd_triton", mutates_args=())
+def dice_loss_bwd_triton(grad_loss: torch.Tensor, coefficients: torch.Tensor, logits: torch.Tensor,
+                         target: torch.Tensor, params: torch.Tensor, codes: list[int],
+                         scalars: list[float]) -> torch.Tensor:
+    """The logits' gradient from the loss's upstream gradient and the forward's coefficients: one launch."""
+    op = "torch_medloss::dice_loss_bwd_triton"
+    _check(op, logits, target, params, codes, scalars,
+           {"target": target, "params": params, "grad_loss": grad_loss, "coefficients": coefficients})
+    batch, num_classes, _ = logits.shape
+    shape = K.dice_loss_shape(batch, num_classes, codes)
+    if tuple(grad_loss.shape) != shape:
+        raise ValueError(f"{op}: grad_loss must have the loss's shape {shape}, got {tuple(grad_loss.shape)}.")
+    grad_logits = torch.empty_like(logits)
+    if logits.numel() == 0:
+        return grad_logits
+    # The upstream gradient's (image, class) strides: stride 0 along what the loss does not have (the images with
+    # batch, the classes of generalized Dice, both for a scalar loss).
+    image_stride = grad_loss.stride(0) if len(shape) == 2 else 0
+    per_class = len(shape) > 0 and codes[K.DICE_CODE_HEAD] != K.HEAD_GENERALIZED
+    loss_strides = (image_stride, grad_loss.stride(-1) if per_class else 0)
+    coef_strides = (0 if codes[K.DICE_CODE_BATCH] else coefficients.stride(0), coefficients.stride(2),
+                    coefficients.stride(1))
+    _backward(grad_logits, coefficients, grad_loss, logits, target, params, codes, scalars, coef_strides,
+              loss_strides, scaled=True)
     return grad_logits

@@ -1,8 +1,14 @@
 import os
 
-import pytest
 import torch
-from hypothesis import settings
+
+# The Triton tests are ordinary tests: without a GPU they run the kernels on CPU tensors through Triton's
+# interpreter, which must be switched on before triton is first imported (nothing has imported it yet here).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # Hypothesis: few examples, no deadline (the first call of an op may build or warm up); CI is a 2-core box.
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)

@@ -7,82 +7,7 @@ only with ``validate=True``: on the GPU fast path a bad label turns the loss int
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Sequence
-
 import torch
-
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def check_reduction(reduction: object, allowed: Sequence[str] = REDUCTIONS) -> str:
-    value = getattr(reduction, "value", reduction)  # MONAI passes LossReduction enum members
-    if not isinstance(value, str):
-        raise TypeError(f"reduction must be a str, one of {tuple(allowed)}, got {type(reduction).__name__}.")
-    if value not in allowed:
-        raise ValueError(f"reduction must be one of {tuple(allowed)}, got {value!r}.")
-    return value
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, int)) or isinstance(value, float):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}.")
-    return bool(value)
-
-
-def check_nonnegative_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
-    return value
-
-
-def check_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
-    return float(value)
-
-
-def check_activation(sigmoid: object, softmax: object, other_act: Callable | None) -> None:
-    check_bool("sigmoid", sigmoid)
-    check_bool("softmax", softmax)
-    if other_act is not None and not callable(other_act):
-        raise TypeError(f"other_act must be None or callable, got {type(other_act).__name__}.")
-    if int(bool(sigmoid)) + int(bool(softmax)) + int(other_act is not None) > 1:
-        raise ValueError(
-            "Incompatible values: more than one activation chosen among sigmoid=True, softmax=True and other_act; "
-            "choose at most one."
-        )
-
-
-def check_ignore_index(ignore_index: object, allow_none: bool = True) -> int | None:
-    if ignore_index is None and allow_none:
-        return None
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        expected = "an int or None" if allow_none else "an int"
-        raise TypeError(f"ignore_index must be {expected}, got {type(ignore_index).__name__}.")
-    return int(ignore_index)
-
-
-def per_class_values(name: str, value: object, allow_none: bool = True) -> torch.Tensor | None:
-    """A scalar or a sequence of per-class values >= 0 (class weights, PM Dice gammas) as a float64 tensor."""
-    if value is None:
-        if allow_none:
-            return None
-        raise TypeError(f"{name} must be a number or a sequence of numbers, got None.")
-    try:
-        tensor = torch.as_tensor(value).detach().to("cpu", torch.float64)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be a number or a sequence of numbers, got {type(value).__name__}.") from exc
-    if tensor.ndim > 1:
-        shape = tuple(tensor.shape)
-        raise ValueError(f"{name} must be a scalar or a 1-D sequence (one value per class), got shape {shape}.")
-    if not torch.isfinite(tensor).all() or (tensor < 0).any():
-        raise ValueError(f"{name} must be finite and >= 0, got {tensor.tolist()}.")
-    return tensor
 
 
 def expand_per_class(name: str, values: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
@@ -97,16 +22,73 @@ def expand_per_class(name: str, values: torch.Tensor, num_classes: int, like: to
     return values.to(device=like.device, dtype=like.dtype)
 
 
-def check_logits(input: object, name: str = "input") -> torch.Tensor:
+def check_logits(input: object, name: str = "input", min_ndim: int = 3) -> torch.Tensor:
+    """A floating-point (B, C, *S) tensor; ``min_ndim=2`` also takes MONAI's (B, C) classification-style input."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}.")
     if not input.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (logits), got dtype {input.dtype}.")
-    if input.ndim < 3:
-        raise ValueError(
-            f"{name} must have shape (B, C, *spatial) with at least one spatial dim, got shape {tuple(input.shape)}."
-        )
+    if input.ndim < min_ndim:
+        layout = "(B, C) or (B, C, *spatial)" if min_ndim == 2 else "(B, C, *spatial) with at least one spatial dim"
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(input.shape)}.")
     return input
+
+
+def check_target_shape(input: torch.Tensor, target: torch.Tensor, expects_labels: bool) -> torch.Tensor:
+    """Check a Dice-family target against the logits; returns it with the channel dim a label map may lack."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    check_same_device(input, target)
+    if expects_labels and target.ndim == input.ndim - 1:
+        target = target.unsqueeze(1)  # (B, *S) label maps, as nnU-Net passes them
+    if target.ndim != input.ndim or target.shape[0] != input.shape[0] or target.shape[2:] != input.shape[2:]:
+        layout = "(B, 1, *S) or (B, *S) labels" if expects_labels else "(B, C, *S) one-hot"
+        raise ValueError(
+            f"target must match input's batch and spatial shape as {layout}: input has shape {tuple(input.shape)}, "
+            f"target has shape {tuple(target.shape)}."
+        )
+    expected_channels = 1 if expects_labels else input.shape[1]
+    if target.shape[1] != expected_channels:
+        if expects_labels:
+            raise ValueError(
+                f"target must be a label map with 1 channel when to_onehot_y=True, got shape {tuple(target.shape)}."
+            )
+        raise ValueError(
+            f"target must be one-hot with {input.shape[1]} classes like input {tuple(input.shape)}, got shape "
+            f"{tuple(target.shape)} (pass to_onehot_y=True for a label map)."
+        )
+    return target
+
+
+def check_dice_target(input: torch.Tensor, target: object, to_onehot_y: bool) -> torch.Tensor:
+    """A Dice-family target against (B, C, *S) logits: (B, 1, *S) or (B, *S) labels with ``to_onehot_y`` (and
+    C > 1), else (B, C, *S) one-hot or soft; returned with the channel dim a label map may lack."""
+    return check_target_shape(input, target, to_onehot_y and input.shape[1] > 1)
+
+
+def holds(dtype: torch.dtype, value: int) -> bool:
+    """Whether an integer (or float) dtype can hold ``value``: if not, no label equals it (labels are compared as
+    integers, never through a wrapped copy such as -100 -> 156 in uint8)."""
+    if dtype.is_floating_point:
+        return True
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
+
+
+def check_dbce_labels(input: torch.Tensor, labels: object, ignore_index: int, validate: bool) -> torch.Tensor:
+    """Labels (B, *S) or (B, 1, *S) matching logits (B, C, *S); returns them as (B, *S)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of class labels, got {type(labels).__name__}.")
+    check_same_device(input, labels)
+    if labels.ndim == input.ndim and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape != input.shape[:1] + input.shape[2:]:
+        raise ValueError(
+            f"target must be labels of shape (B, *S) or (B, 1, *S) matching input (B, C, *S): input has shape "
+            f"{tuple(input.shape)}, target has shape {tuple(labels.shape)}."
+        )
+    check_label_map(labels, input.shape[1], ignore_index, validate)
+    return labels
 
 
 def check_same_device(input: torch.Tensor, target: torch.Tensor, target_name: str = "target") -> None:
@@ -145,7 +127,7 @@ def check_label_map(
     if lowest >= 0 and highest < num_classes:  # the common case, in one cheap pass
         return
     valid = (labels >= 0) & (labels < num_classes)
-    if ignore_index is not None:
+    if ignore_index is not None and holds(labels.dtype, ignore_index):
         valid |= labels == ignore_index
     if not bool(valid.all()):
         bad = torch.unique(labels[~valid])[:8].tolist()
@@ -156,6 +138,6 @@ def check_label_map(
 def invalid_label_flag(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> torch.Tensor:
     """A 0-dim bool tensor, True when any label is out of range. No sync: used to turn the loss into NaN."""
     bad = (labels < 0) | (labels >= num_classes)
-    if ignore_index is not None:
+    if ignore_index is not None and holds(labels.dtype, ignore_index):
         bad &= labels != ignore_index
     return bad.any()

@@ -1,25 +1,28 @@
-"""Functional forms of every loss: check the arguments, pick the backend (torch_medloss._backend), compute.
+"""Functional forms of every loss and op: check the tensors, pick the backend (torch_medloss._backend), run the op.
 
-Each public function has a private ``_<name>_options`` that validates and normalizes the options (the loss modules
-call it once, in ``__init__``) and a private ``_<name>`` that checks the tensors and runs the chosen backend with
-already-normalized options (the modules call it in ``forward``).
+Each loss family has one entry that takes its checked options object (torch_medloss._options) and the tensors:
+``dice_family`` (Dice, PM Dice, generalized Dice, Tversky, Dice+CE), ``focal_family`` and ``dbce_family``. The loss
+modules call it with the options they checked at construction; the public functions below build the options from
+their (MONAI-named) arguments and call it too. Below the entry, the backend is the only thing that varies:
+"reference" runs the readable pure-PyTorch losses of torch_medloss.reference, any other the fused op of the
+family (torch_medloss.ops) on that backend's kernels.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
-from torch_medloss import _backend, _distributed, dbce_family, dice_family
+from torch_medloss import _backend, _distributed
+from torch_medloss import _contract as K
 from torch_medloss import _validation as v
+from torch_medloss._options import DBCEOptions, DiceOptions, FocalOptions, as_tensor
 from torch_medloss.concat_conv import concat_conv2d
 from torch_medloss.frequency_split import frequency_split
 from torch_medloss.label_histogram import label_histogram
-from torch_medloss.reference import dbce as dbce_reference
-from torch_medloss.reference import dice as dice_reference
-from torch_medloss.reference.dice_ce import dice_ce_loss as _dice_ce_reference
-from torch_medloss.reference.focal import focal_loss as _focal_reference
 
 __all__ = [
     "balanced_ce_loss",
@@ -37,284 +40,351 @@ __all__ = [
 ]
 
 FUSED = ("triton", "cuda", "cpp", "reference")
-# The backends each op has; "auto" picks among them by device (torch_medloss._backend).
-BACKENDS = {
-    "dice_loss": FUSED,
-    "pm_dice_loss": FUSED,
-    "generalized_dice_loss": FUSED,
-    "tversky_loss": FUSED,
-    "dice_ce_loss": FUSED,
-    "focal_loss": ("reference",),
-    "dbce_loss": FUSED,
-    "dilated_class_weights": FUSED,
-}
+
+# ==================================================================================================== Dice family
+
+_ACTIVATIONS = {"sigmoid": K.ACTIVATION_SIGMOID, "softmax": K.ACTIVATION_SOFTMAX}
+_HEADS = {"dice": K.HEAD_DICE, "generalized": K.HEAD_GENERALIZED, "tversky": K.HEAD_TVERSKY}
+_REDUCTIONS = {"mean": K.REDUCTION_MEAN, "sum": K.REDUCTION_SUM, "none": K.REDUCTION_NONE}
+_W_TYPES = {"square": K.W_TYPE_SQUARE, "simple": K.W_TYPE_SIMPLE, "uniform": K.W_TYPE_UNIFORM}
 
 
-def _run(op: str, implementations: dict[str, Callable], backend: str, input: torch.Tensor, *args, **kwargs):
-    chosen = _backend.resolve(op, backend, input.device, BACKENDS[op])
-    return implementations[chosen](input, *args, **kwargs)
+def dice_family(input: Tensor, target: Tensor, options: DiceOptions) -> Tensor:
+    """Every Dice-family loss, from its checked options: the reference, or one fused op (sums and head)."""
+    v.check_logits(input, min_ndim=2)
+    target = v.check_dice_target(input, target, options.to_onehot_y)
+    blocker = _dice_blocker(input, target, options)
+    backend = _backend.resolve(options.name, options.backend, input.device, FUSED, blocker)
+    if backend == "reference":
+        return _dice_reference(input, target, options)
+
+    num_classes = input.shape[1]
+    labels = options.to_onehot_y and num_classes > 1
+    if labels:
+        v.check_label_map(target, num_classes, options.ignore_index, options.validate, allow_float=True)
+    codes, kernel_target = _dice_codes(input, target, labels, options)
+    accumulator = torch.float64 if input.dtype == torch.float64 else torch.float32
+    params = options.params(num_classes, codes[K.DICE_CODE_DROP_BACKGROUND], input.device, accumulator)
+    logits = input.flatten(2) if input.ndim > 2 else input.unsqueeze(2)
+
+    from torch_medloss.ops import dice_sums as op
+
+    if _distributed.active(options.distributed, options.batch):
+        # Batch sums over the ranks first: the one call that stops between the sums and the head.
+        sums, extras = op.dice_sums(backend, logits, kernel_target, params, codes, options.scalars)
+        loss = _reference_head(sums, extras, params, codes, options.scalars, _distributed.all_reduce_sum)
+    else:
+        loss = op.dice_loss(backend, logits, kernel_target, params, codes, options.scalars)
+    return _dice_output(loss, input, target, codes, labels)
 
 
-def _run_dice_family(op: str, reference: Callable, fused: Callable, backend: str, input: torch.Tensor,
-                     target: torch.Tensor, options: dict) -> torch.Tensor:
-    """Dice-family ops: one fused kernel pass plus a small head, unless these options cannot be fused."""
+def _dice_blocker(input: Tensor, target: Tensor, o: DiceOptions) -> str | None:
+    """Why these options and tensors cannot run on the fused kernels, or None."""
+    if o.other_act is not None:
+        return "other_act is an arbitrary callable; only sigmoid, softmax or no activation are fused"
+    num_classes = input.shape[1]
+    if num_classes > K.DICE_MAX_CLASSES:
+        return f"{num_classes} classes is more than the fused kernels' {K.DICE_MAX_CLASSES}"
+    if input.dtype == torch.float64 and input.device.type != "cpu":
+        return "float64 logits are fused on the CPU only"
+    if o.with_ce and num_classes == 1:
+        return "single-channel Dice+CE uses binary cross entropy, which is not fused"
+    labels = o.to_onehot_y and num_classes > 1
+    if o.ignore_index is not None and not labels and target.shape[1] == 1:
+        return "ignore_index on a single-channel dense target is not fused"
+    if target.requires_grad:
+        return "the target requires grad, and the fused kernels give the logits' gradient only"
+    return None
+
+
+def _dice_codes(input: Tensor, target: Tensor, labels: bool, o: DiceOptions) -> tuple[list[int], Tensor]:
+    """The op's codes for these tensors, and the target as the kernels take it ((B, S) labels or (B, C, S))."""
+    num_classes = input.shape[1]
+    codes = [0] * K.DICE_NUM_CODES
+    activation = "sigmoid" if o.sigmoid else "softmax" if o.softmax else None
+    if activation == "softmax" and num_classes == 1:
+        warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+        activation = None
+    if o.to_onehot_y and num_classes == 1:
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
+    drop = not o.include_background and num_classes > 1
+    if not o.include_background and num_classes == 1:
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+    codes[K.DICE_CODE_ACTIVATION] = _ACTIVATIONS.get(activation, K.ACTIVATION_NONE)
+    codes[K.DICE_CODE_TARGET_IS_LABELS] = int(labels)
+    codes[K.DICE_CODE_IGNORE_INDEX] = 0 if o.ignore_index is None else o.ignore_index
+    if labels:
+        kernel_target = target[:, 0]
+        if kernel_target.is_floating_point():
+            kernel_target = kernel_target.long()  # MONAI-style float label maps (whole numbers, checked on CPU)
+        # An ignore_index the labels' dtype cannot hold matches no label (values compare as integers, never wrap).
+        ignoring = o.ignore_index is not None and v.holds(kernel_target.dtype, o.ignore_index)
+        codes[K.DICE_CODE_MASK_MODE] = K.MASK_LABEL if ignoring else K.MASK_NONE
+    else:
+        kernel_target = target if target.is_floating_point() else target.to(torch.float32)
+        if o.ignore_index is None:
+            codes[K.DICE_CODE_MASK_MODE] = K.MASK_NONE
+        elif 0 <= o.ignore_index < num_classes:
+            codes[K.DICE_CODE_MASK_MODE] = K.MASK_CHANNEL
+        else:
+            codes[K.DICE_CODE_MASK_MODE] = K.MASK_SENTINEL
+    kernel_target = kernel_target.flatten(1 if labels else 2) if input.ndim > 2 else kernel_target.unsqueeze(-1)
+    head = _HEADS[o.head]
+    codes[K.DICE_CODE_SQUARED] = int(o.squared_pred and head == K.HEAD_DICE)
+    codes[K.DICE_CODE_WITH_CE] = int(o.with_ce)
+    codes[K.DICE_CODE_HEAD] = head
+    codes[K.DICE_CODE_DROP_BACKGROUND] = int(drop)
+    codes[K.DICE_CODE_BATCH] = int(o.batch)
+    codes[K.DICE_CODE_REDUCTION] = _REDUCTIONS[o.reduction]
+    codes[K.DICE_CODE_JACCARD] = int(o.jaccard and head == K.HEAD_DICE)
+    # MONAI's soft-label intersection matters only with k = 1 (with k = 2 both forms agree).
+    codes[K.DICE_CODE_SOFT_INTERSECTION] = int(o.soft_label and not codes[K.DICE_CODE_SQUARED])
+    codes[K.DICE_CODE_W_TYPE] = _W_TYPES[o.w_type]
+    codes[K.DICE_CODE_HAS_WEIGHT] = int(head == K.HEAD_DICE and o.dice_weights(num_classes - drop) is not None)
+    return codes, kernel_target
+
+
+def _reference_head(sums, extras, params, codes, scalars, all_reduce) -> Tensor:
+    from torch_medloss.reference.dice_sums import loss_from_sums
+
+    return loss_from_sums(sums, extras, params, codes, scalars, all_reduce)
+
+
+def _dice_output(loss: Tensor, input: Tensor, target: Tensor, codes: list[int], labels: bool) -> Tensor:
+    """MONAI's output: its "none" shape for Dice and generalized Dice, and its dtype (a float64 target promotes)."""
+    if codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE and codes[K.DICE_CODE_HEAD] != K.HEAD_TVERSKY:
+        loss = loss.view(list(loss.shape[:2]) + [1] * (input.ndim - 2))
+    if not labels and target.dtype == torch.float64 and loss.dtype != torch.float64:
+        loss = loss.to(torch.float64)
+    return loss
+
+
+def _dice_reference(input: Tensor, target: Tensor, o: DiceOptions) -> Tensor:
+    from torch_medloss.reference import dice as reference
+    from torch_medloss.reference.dice_ce import dice_ce_loss
+
+    labels = o.to_onehot_y and input.shape[1] > 1 and not target.is_floating_point()
+    if labels and o.ignore_index is not None and not v.holds(target.dtype, o.ignore_index):
+        target = target.long()  # compare values, not wrapped bits, as the fused kernels do
+    common = {"include_background": o.include_background, "to_onehot_y": o.to_onehot_y, "sigmoid": o.sigmoid,
+              "softmax": o.softmax, "other_act": o.other_act, "reduction": o.reduction, "smooth_nr": o.smooth_nr,
+              "smooth_dr": o.smooth_dr, "batch": o.batch, "validate": o.validate, "distributed": o.distributed}
+    if o.with_ce:
+        return dice_ce_loss(input, target, squared_pred=o.squared_pred, jaccard=o.jaccard, weight=as_tensor(o.weight),
+                            lambda_dice=o.lambda_dice, lambda_ce=o.lambda_ce, label_smoothing=o.label_smoothing,
+                            **common)
+    if o.head == "generalized":
+        return reference.generalized_dice_loss(input, target, w_type=o.w_type, soft_label=o.soft_label, **common)
+    if o.head == "tversky":
+        return reference.tversky_loss(input, target, alpha=o.alpha, beta=o.beta, soft_label=o.soft_label,
+                                      ignore_index=o.ignore_index, **common)
+    return reference.pm_dice_loss(input, target, gamma=as_tensor(o.gamma), squared_pred=o.squared_pred,
+                                  jaccard=o.jaccard, weight=as_tensor(o.weight), soft_label=o.soft_label,
+                                  ignore_index=o.ignore_index, **common)
+
+
+def dice_loss(
+    input: Tensor,
+    target: Tensor,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    weight: Sequence[float] | float | Tensor | None = None,
+    soft_label: bool = False,
+    ignore_index: int | None = None,
+    *,
+    backend: str = "auto",
+    validate: bool = False,
+    distributed: str = "auto",
+) -> Tensor:
+    """Functional :class:`torch_medloss.DiceLoss` (MONAI 1.6.1's arguments), plus ``backend``, ``validate`` and
+    ``distributed``."""
+    return dice_family(input, target, DiceOptions(
+        "dice_loss", "dice", include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard,
+        reduction, smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, backend=backend, validate=validate,
+        distributed=distributed))
+
+
+def pm_dice_loss(
+    input: Tensor,
+    target: Tensor,
+    gamma: Sequence[float] | float | Tensor = 2.0,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = True,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    weight: Sequence[float] | float | Tensor | None = None,
+    soft_label: bool = False,
+    ignore_index: int | None = None,
+    *,
+    backend: str = "auto",
+    validate: bool = False,
+    distributed: str = "auto",
+) -> Tensor:
+    """Functional :class:`torch_medloss.PMDiceLoss` (``gamma=2.0``, ``squared_pred=True`` by default)."""
+    if gamma is None:
+        raise TypeError("gamma must be a number or a sequence of numbers, got None.")
+    return dice_family(input, target, DiceOptions(
+        "pm_dice_loss", "dice", include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, False,
+        reduction, smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, gamma, backend=backend,
+        validate=validate, distributed=distributed))
+
+
+def generalized_dice_loss(
+    input: Tensor,
+    target: Tensor,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    w_type: str = "square",
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    soft_label: bool = False,
+    *,
+    backend: str = "auto",
+    validate: bool = False,
+    distributed: str = "auto",
+) -> Tensor:
+    """Functional :class:`torch_medloss.GeneralizedDiceLoss`."""
+    return dice_family(input, target, DiceOptions(
+        "generalized_dice_loss", "generalized", include_background, to_onehot_y, sigmoid, softmax, other_act,
+        reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, soft_label=soft_label,
+        w_type=w_type, backend=backend, validate=validate, distributed=distributed))
+
+
+def tversky_loss(
+    input: Tensor,
+    target: Tensor,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    soft_label: bool = False,
+    ignore_index: int | None = None,
+    *,
+    backend: str = "auto",
+    validate: bool = False,
+    distributed: str = "auto",
+) -> Tensor:
+    """Functional :class:`torch_medloss.TverskyLoss`."""
+    return dice_family(input, target, DiceOptions(
+        "tversky_loss", "tversky", include_background, to_onehot_y, sigmoid, softmax, other_act,
+        reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, soft_label=soft_label,
+        ignore_index=ignore_index, alpha=alpha, beta=beta, backend=backend, validate=validate,
+        distributed=distributed))
+
+
+def dice_ce_loss(
+    input: Tensor,
+    target: Tensor,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    weight: Sequence[float] | Tensor | None = None,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    label_smoothing: float = 0.0,
+    *,
+    backend: str = "auto",
+    validate: bool = False,
+    distributed: str = "auto",
+) -> Tensor:
+    """Functional :class:`torch_medloss.DiceCELoss`."""
+    return dice_family(input, target, DiceOptions(
+        "dice_ce_loss", "dice", include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard,
+        reduction, smooth_nr, smooth_dr, batch, weight, with_ce=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+        label_smoothing=label_smoothing, backend=backend, validate=validate, distributed=distributed))
+
+
+# ========================================================================================================= focal
+
+
+def focal_family(input: Tensor, target: Tensor, options: FocalOptions) -> Tensor:
+    """FocalLoss from its checked options."""
+    from torch_medloss.reference.focal import focal_loss as reference
+
+    v.check_logits(input, min_ndim=2)
+    _backend.resolve("focal_loss", options.backend, input.device, ("reference",))
+    return reference(input, target, include_background=options.include_background,
+                     to_onehot_y=options.to_onehot_y, gamma=options.gamma, alpha=as_tensor(options.alpha),
+                     weight=as_tensor(options.weight), reduction=options.reduction, use_softmax=options.use_softmax,
+                     ignore_index=options.ignore_index, validate=options.validate)
+
+
+def focal_loss(
+    input: Tensor,
+    target: Tensor,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    gamma: float = 2.0,
+    alpha: float | Sequence[float] | None = None,
+    weight: Sequence[float] | float | Tensor | None = None,
+    reduction: str = "mean",
+    use_softmax: bool = False,
+    ignore_index: int | None = None,
+    *,
+    backend: str = "auto",
+    validate: bool = False,
+) -> Tensor:
+    """Functional :class:`torch_medloss.FocalLoss` (on logits)."""
+    return focal_family(input, target, FocalOptions(include_background, to_onehot_y, gamma, alpha, weight, reduction,
+                                                    use_softmax, ignore_index, backend, validate))
+
+
+# ========================================================================================================== DBCE
+
+
+def dbce_family(input: Tensor, target: Tensor, options: DBCEOptions) -> Tensor:
+    """DBCE and balanced cross entropy from their checked options."""
+    from torch_medloss.ops import dbce as op
+    from torch_medloss.reference import dbce as reference
+
     v.check_logits(input)
-    blocker = dice_family.fusion_blocker(input, target, options, with_ce=op == "dice_ce_loss")
-    chosen = _backend.resolve(op, backend, input.device, BACKENDS[op], blocker)
-    if chosen == "reference":
-        return reference(input, target, **options)
-    return fused(input, target, backend=chosen, **options)
-
-
-# ----------------------------------------------------------------------------------------------- Dice family options
-
-
-def _activation_options(sigmoid, softmax, other_act) -> dict:
-    v.check_activation(sigmoid, softmax, other_act)
-    return {"sigmoid": bool(sigmoid), "softmax": bool(softmax), "other_act": other_act}
-
-
-def _common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate,
-                    distributed) -> dict:
-    return {
-        "distributed": _distributed.check_distributed(distributed),
-        "include_background": v.check_bool("include_background", include_background),
-        "to_onehot_y": v.check_bool("to_onehot_y", to_onehot_y),
-        "reduction": v.check_reduction(reduction),
-        "smooth_nr": v.check_float("smooth_nr", smooth_nr),
-        "smooth_dr": v.check_float("smooth_dr", smooth_dr),
-        "batch": v.check_bool("batch", batch),
-        "validate": v.check_bool("validate", validate),
-    }
-
-
-def _dice_options(
-    include_background=True,
-    to_onehot_y=False,
-    sigmoid=False,
-    softmax=False,
-    other_act=None,
-    squared_pred=False,
-    jaccard=False,
-    reduction="mean",
-    smooth_nr=1e-5,
-    smooth_dr=1e-5,
-    batch=False,
-    weight=None,
-    soft_label=False,
-    ignore_index=None,
-    validate=False,
-    distributed="auto",
-) -> dict:
-    return {
-        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate,
-                           distributed),
-        **_activation_options(sigmoid, softmax, other_act),
-        "squared_pred": v.check_bool("squared_pred", squared_pred),
-        "jaccard": v.check_bool("jaccard", jaccard),
-        "weight": v.per_class_values("weight", weight),
-        "soft_label": v.check_bool("soft_label", soft_label),
-        "ignore_index": v.check_ignore_index(ignore_index),
-    }
-
-
-def _pm_dice_options(gamma=2.0, squared_pred=True, **dice_options) -> dict:
-    if "jaccard" in dice_options:
-        raise TypeError("PM Dice has no jaccard option.")
-    options = _dice_options(squared_pred=squared_pred, **dice_options)
-    options["gamma"] = v.per_class_values("gamma", gamma, allow_none=False)
-    return options
-
-
-def _generalized_dice_options(
-    include_background=True,
-    to_onehot_y=False,
-    sigmoid=False,
-    softmax=False,
-    other_act=None,
-    w_type="square",
-    reduction="mean",
-    smooth_nr=1e-5,
-    smooth_dr=1e-5,
-    batch=False,
-    soft_label=False,
-    validate=False,
-    distributed="auto",
-) -> dict:
-    w_type = getattr(w_type, "value", w_type)
-    if w_type not in ("square", "simple", "uniform"):
-        raise ValueError(f"w_type must be one of ('square', 'simple', 'uniform'), got {w_type!r}.")
-    return {
-        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate,
-                           distributed),
-        **_activation_options(sigmoid, softmax, other_act),
-        "w_type": w_type,
-        "soft_label": v.check_bool("soft_label", soft_label),
-    }
-
-
-def _tversky_options(
-    include_background=True,
-    to_onehot_y=False,
-    sigmoid=False,
-    softmax=False,
-    other_act=None,
-    alpha=0.5,
-    beta=0.5,
-    reduction="mean",
-    smooth_nr=1e-5,
-    smooth_dr=1e-5,
-    batch=False,
-    soft_label=False,
-    ignore_index=None,
-    validate=False,
-    distributed="auto",
-) -> dict:
-    return {
-        **_common_options(include_background, to_onehot_y, reduction, smooth_nr, smooth_dr, batch, validate,
-                           distributed),
-        **_activation_options(sigmoid, softmax, other_act),
-        "alpha": v.check_float("alpha", alpha),
-        "beta": v.check_float("beta", beta),
-        "soft_label": v.check_bool("soft_label", soft_label),
-        "ignore_index": v.check_ignore_index(ignore_index),
-    }
-
-
-def _dice_ce_options(
-    include_background=True,
-    to_onehot_y=False,
-    sigmoid=False,
-    softmax=False,
-    other_act=None,
-    squared_pred=False,
-    jaccard=False,
-    reduction="mean",
-    smooth_nr=1e-5,
-    smooth_dr=1e-5,
-    batch=False,
-    weight=None,
-    lambda_dice=1.0,
-    lambda_ce=1.0,
-    label_smoothing=0.0,
-    validate=False,
-    distributed="auto",
-) -> dict:
-    options = _common_options(include_background, to_onehot_y, "mean", smooth_nr, smooth_dr, batch, validate,
-                              distributed)
-    # DiceCELoss has no "none": its Dice part reduces over space, its CE part does not.
-    options["reduction"] = v.check_reduction(reduction, ("mean", "sum"))
-    label_smoothing = v.check_nonnegative_float("label_smoothing", label_smoothing)
-    if label_smoothing > 1:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
-    return {
-        **options,
-        **_activation_options(sigmoid, softmax, other_act),
-        "squared_pred": v.check_bool("squared_pred", squared_pred),
-        "jaccard": v.check_bool("jaccard", jaccard),
-        "weight": v.per_class_values("weight", weight),
-        "lambda_dice": v.check_nonnegative_float("lambda_dice", lambda_dice),
-        "lambda_ce": v.check_nonnegative_float("lambda_ce", lambda_ce),
-        "label_smoothing": label_smoothing,
-    }
-
-
-def _focal_options(
-    include_background=True,
-    to_onehot_y=False,
-    gamma=2.0,
-    alpha=None,
-    weight=None,
-    reduction="mean",
-    use_softmax=False,
-    ignore_index=None,
-    validate=False,
-) -> dict:
-    alpha_values = v.per_class_values("alpha", alpha)
-    if alpha_values is not None and (alpha_values > 1).any():
-        raise ValueError(f"alpha must be in [0, 1], got {alpha_values.tolist()}.")
-    return {
-        "include_background": v.check_bool("include_background", include_background),
-        "to_onehot_y": v.check_bool("to_onehot_y", to_onehot_y),
-        "gamma": v.check_nonnegative_float("gamma", gamma),
-        "alpha": alpha_values,
-        "weight": v.per_class_values("weight", weight),
-        "reduction": v.check_reduction(reduction),
-        "use_softmax": v.check_bool("use_softmax", use_softmax),
-        "ignore_index": v.check_ignore_index(ignore_index),
-        "validate": v.check_bool("validate", validate),
-    }
-
-
-def _dbce_options(radius=3.0, element="ball", spacing=None, batch=False, ignore_index=-100, reduction="mean",
-                  validate=False, distributed="auto") -> dict:
-    if element not in ("ball", "cube"):
-        raise ValueError(f"element must be 'ball' or 'cube', got {element!r}.")
-    if spacing is not None:
-        if isinstance(spacing, (str, bytes)) or not isinstance(spacing, Sequence):
-            raise TypeError(f"spacing must be None or a sequence of voxel sizes, got {type(spacing).__name__}.")
-        spacing = tuple(v.check_nonnegative_float("spacing", s) for s in spacing)
-        if any(s == 0 for s in spacing):
-            raise ValueError(f"spacing must hold voxel sizes > 0, got {spacing}.")
-    return {
-        "radius": v.check_nonnegative_float("radius", radius),
-        "element": element,
-        "spacing": spacing,
-        "batch": v.check_bool("batch", batch),
-        "ignore_index": v.check_ignore_index(ignore_index, allow_none=False),
-        "reduction": v.check_reduction(reduction),
-        "validate": v.check_bool("validate", validate),
-        "distributed": _distributed.check_distributed(distributed),
-    }
-
-
-# ------------------------------------------------------------------------------------------------ tensor-side entry
-
-
-def _dice(input, target, options: dict, backend: str) -> torch.Tensor:
-    return _run_dice_family("dice_loss", dice_reference.dice_loss, dice_family.dice_loss, backend, input, target,
-                            options)
-
-
-def _pm_dice(input, target, options: dict, backend: str) -> torch.Tensor:
-    return _run_dice_family("pm_dice_loss", dice_reference.pm_dice_loss, dice_family.pm_dice_loss, backend, input,
-                            target, options)
-
-
-def _generalized_dice(input, target, options: dict, backend: str) -> torch.Tensor:
-    return _run_dice_family("generalized_dice_loss", dice_reference.generalized_dice_loss,
-                            dice_family.generalized_dice_loss, backend, input, target, options)
-
-
-def _tversky(input, target, options: dict, backend: str) -> torch.Tensor:
-    return _run_dice_family("tversky_loss", dice_reference.tversky_loss, dice_family.tversky_loss, backend, input,
-                            target, options)
-
-
-def _dice_ce(input, target, options: dict, backend: str) -> torch.Tensor:
-    return _run_dice_family("dice_ce_loss", _dice_ce_reference, dice_family.dice_ce_loss, backend, input, target,
-                            options)
-
-
-def _focal(input, target, options: dict, backend: str) -> torch.Tensor:
-    v.check_logits(input)
-    return _run("focal_loss", {"reference": _focal_reference}, backend, input, target, **options)
-
-
-def _check_dbce_labels(input: torch.Tensor, labels: object, ignore_index: int, validate: bool) -> torch.Tensor:
-    """Labels (B, *S) or (B, 1, *S) matching logits (B, C, *S); returns them as (B, *S)."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class labels, got {type(labels).__name__}.")
-    v.check_same_device(input, labels)
-    if labels.ndim == input.ndim and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.shape != input.shape[:1] + input.shape[2:]:
-        raise ValueError(
-            f"target must be labels of shape (B, *S) or (B, 1, *S) matching input (B, C, *S): input has shape "
-            f"{tuple(input.shape)}, target has shape {tuple(labels.shape)}."
-        )
-    v.check_label_map(labels, input.shape[1], ignore_index, validate)
-    return labels
+    labels = v.check_dbce_labels(input, target, options.ignore_index, options.validate)
+    _check_spacing(options.spacing, labels.ndim - 1)
+    blocker = op.fusion_blocker(input, labels)
+    backend = _backend.resolve("dbce_loss", options.backend, input.device, FUSED, blocker)
+    kwargs = {"radius": options.radius, "element": options.element, "spacing": options.spacing,
+              "batch": options.batch, "ignore_index": options.ignore_index, "reduction": options.reduction,
+              "distributed": options.distributed}
+    if backend == "reference":
+        if not v.holds(labels.dtype, options.ignore_index):
+            labels = labels.long()  # compare values, not wrapped bits, as the fused kernels do
+        return reference.dbce_loss(input, labels, **kwargs)
+    return op.dbce_loss(input, labels, backend=backend, **kwargs)
 
 
 def _check_spacing(spacing: tuple[float, ...] | None, spatial_ndim: int) -> None:
@@ -322,57 +392,9 @@ def _check_spacing(spacing: tuple[float, ...] | None, spatial_ndim: int) -> None
         raise ValueError(f"spacing must have one voxel size per spatial dim ({spatial_ndim}), got {spacing}.")
 
 
-def _dbce(input, target, options: dict, backend: str) -> torch.Tensor:
-    v.check_logits(input)
-    options = dict(options)
-    validate = options.pop("validate")
-    labels = _check_dbce_labels(input, target, options["ignore_index"], validate)
-    _check_spacing(options["spacing"], labels.ndim - 1)
-    blocker = dbce_family.fusion_blocker(input, labels)
-    chosen = _backend.resolve("dbce_loss", backend, input.device, BACKENDS["dbce_loss"], blocker)
-    if chosen == "reference":
-        return dbce_reference.dbce_loss(input, labels, **options)
-    return dbce_family.dbce_loss(input, labels, backend=chosen, **options)
-
-
-# ------------------------------------------------------------------------------------------------- public functions
-
-
-def dice_loss(input: torch.Tensor, target: torch.Tensor, *, backend: str = "auto", **options) -> torch.Tensor:
-    """Functional :class:`torch_medloss.DiceLoss`: same keyword options (MONAI 1.6.1's), plus ``backend``."""
-    return _dice(input, target, _dice_options(**options), _backend.check_backend_name(backend))
-
-
-def pm_dice_loss(input: torch.Tensor, target: torch.Tensor, *, backend: str = "auto", **options) -> torch.Tensor:
-    """Functional :class:`torch_medloss.PMDiceLoss` (``gamma=2.0``, ``squared_pred=True`` by default)."""
-    return _pm_dice(input, target, _pm_dice_options(**options), _backend.check_backend_name(backend))
-
-
-def generalized_dice_loss(
-    input: torch.Tensor, target: torch.Tensor, *, backend: str = "auto", **options
-) -> torch.Tensor:
-    """Functional :class:`torch_medloss.GeneralizedDiceLoss`."""
-    return _generalized_dice(input, target, _generalized_dice_options(**options), _backend.check_backend_name(backend))
-
-
-def tversky_loss(input: torch.Tensor, target: torch.Tensor, *, backend: str = "auto", **options) -> torch.Tensor:
-    """Functional :class:`torch_medloss.TverskyLoss`."""
-    return _tversky(input, target, _tversky_options(**options), _backend.check_backend_name(backend))
-
-
-def dice_ce_loss(input: torch.Tensor, target: torch.Tensor, *, backend: str = "auto", **options) -> torch.Tensor:
-    """Functional :class:`torch_medloss.DiceCELoss`."""
-    return _dice_ce(input, target, _dice_ce_options(**options), _backend.check_backend_name(backend))
-
-
-def focal_loss(input: torch.Tensor, target: torch.Tensor, *, backend: str = "auto", **options) -> torch.Tensor:
-    """Functional :class:`torch_medloss.FocalLoss` (on logits)."""
-    return _focal(input, target, _focal_options(**options), _backend.check_backend_name(backend))
-
-
 def dbce_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
+    input: Tensor,
+    target: Tensor,
     radius: float = 3.0,
     element: str = "ball",
     spacing: Sequence[float] | None = None,
@@ -382,29 +404,29 @@ def dbce_loss(
     backend: str = "auto",
     validate: bool = False,
     distributed: str = "auto",
-) -> torch.Tensor:
+) -> Tensor:
     """Functional :class:`torch_medloss.DBCELoss`."""
-    options = _dbce_options(radius, element, spacing, batch, ignore_index, reduction, validate, distributed)
-    return _dbce(input, target, options, _backend.check_backend_name(backend))
+    return dbce_family(input, target, DBCEOptions(radius, element, spacing, batch, ignore_index, reduction, backend,
+                                                  validate, distributed))
 
 
 def balanced_ce_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
+    input: Tensor,
+    target: Tensor,
     batch: bool = False,
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str = "auto",
     validate: bool = False,
     distributed: str = "auto",
-) -> torch.Tensor:
+) -> Tensor:
     """Functional :class:`torch_medloss.BalancedCELoss`: DBCE with radius 0 (inverse class frequency weights)."""
-    options = _dbce_options(0.0, "ball", None, batch, ignore_index, reduction, validate, distributed)
-    return _dbce(input, target, options, _backend.check_backend_name(backend))
+    return dbce_family(input, target, DBCEOptions(0.0, "ball", None, batch, ignore_index, reduction, backend,
+                                                  validate, distributed))
 
 
 def dilated_class_weights(
-    labels: torch.Tensor,
+    labels: Tensor,
     num_classes: int,
     radius: float,
     element: str = "ball",
@@ -412,7 +434,7 @@ def dilated_class_weights(
     batch: bool = False,
     ignore_index: int = -100,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """DBCE's weights for labels (B, *S): ``(pixel_weights, class_weights, dilated_areas)``.
 
     Returns:
@@ -421,23 +443,29 @@ def dilated_class_weights(
         dilated_areas: int64 A_c with the shape of ``class_weights``.
 
     Raises:
-        TypeError: non-integer labels or num_classes. ValueError: labels outside [0, num_classes) other than
-        ``ignore_index`` (always checked: this function's result is read on the host anyway).
+        TypeError: non-integer labels or num_classes. ValueError: num_classes < 1, labels outside
+        [0, num_classes) other than ``ignore_index`` (always checked: this function's result is read on the host
+        anyway).
     """
-    options = _dbce_options(radius, element, spacing, batch, ignore_index, "mean", True)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise TypeError(f"num_classes must be an int >= 1, got {num_classes!r}.")
-    if not isinstance(labels, torch.Tensor):
+    from torch_medloss.ops import dbce as op
+    from torch_medloss.reference import dbce as reference
+
+    options = DBCEOptions(radius, element, spacing, batch, ignore_index, "mean", backend, True)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} ({num_classes!r}).")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")  # as label_histogram
+    if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
     if labels.ndim < 2:
         raise ValueError(f"labels must have shape (B, *S) with at least one spatial dim, got {tuple(labels.shape)}.")
-    v.check_label_map(labels, num_classes, options["ignore_index"], True, name="labels")
-    _check_spacing(options["spacing"], labels.ndim - 1)
-    args = (labels, num_classes, options["radius"], options["element"], options["spacing"], options["batch"],
-            options["ignore_index"])
-    blocker = dbce_family.fusion_blocker(labels.new_empty((1, num_classes) + (1,) * (labels.ndim - 1)), labels)
-    chosen = _backend.resolve("dilated_class_weights", _backend.check_backend_name(backend), labels.device,
-                              BACKENDS["dilated_class_weights"], blocker)
-    if chosen == "reference":
-        return dbce_reference.dilated_class_weights(*args)
-    return dbce_family.dilated_class_weights(*args, backend=chosen)
+    v.check_label_map(labels, num_classes, options.ignore_index, True, name="labels")
+    _check_spacing(options.spacing, labels.ndim - 1)
+    args = (num_classes, options.radius, options.element, options.spacing, options.batch, options.ignore_index)
+    blocker = op.fusion_blocker(labels.new_empty((1, num_classes) + (1,) * (labels.ndim - 1)), labels)
+    backend = _backend.resolve("dilated_class_weights", options.backend, labels.device, FUSED, blocker)
+    if backend == "reference":
+        if not v.holds(labels.dtype, options.ignore_index):
+            labels = labels.long()
+        return reference.dilated_class_weights(labels, *args)
+    return op.dilated_class_weights(labels, *args, backend=backend)

@@ -1,28 +1,31 @@
 """Loss modules. The MONAI-named ones take MONAI 1.6.1's arguments and give its values, gradients and shapes.
 
-Every module validates its options once, in ``__init__`` (TypeError for a wrong type, ValueError for a bad value),
-keeps them as attributes under MONAI's names (``class_weight`` is a buffer, as in MONAI), and in ``forward`` hands
-them to the tensor-side entry of :mod:`torch_medloss.functional`, which checks the tensors and picks the backend.
+Every module checks its options once, in ``__init__``, into one frozen options object (torch_medloss._options:
+TypeError for a wrong type, ValueError for a bad value), keeps them as attributes under MONAI's names too
+(``class_weight`` is a buffer, as in MONAI), and in ``forward`` hands the options object and the tensors to its
+family's functional entry (torch_medloss.functional), which picks the backend and runs the op. The options are
+fixed at construction: to change one, build a new loss.
 
 Extra keyword arguments on every loss:
     backend: "auto" (default), "triton", "cuda", "cpp" or "reference". "auto" takes the fastest implementation that
         can run on the input's device; a named backend that cannot run raises ValueError saying why.
     validate: check label values on CUDA tensors too (one device sync). CPU tensors are always checked; on CUDA
         without it, an out-of-range label makes the loss NaN instead of raising.
-    distributed (Dice family): "auto" (default) or "off". With ``batch=True`` inside an initialized
-        torch.distributed group of 2+ ranks, "auto" sums the per-class Dice sums over the ranks (with autograd), so
+    distributed (Dice family, DBCE): "auto" (default) or "off". With ``batch=True`` inside an initialized
+        torch.distributed group of 2+ ranks, "auto" sums the per-class sums over the ranks (with autograd), so
         every rank computes the global-batch loss and DDP's averaged gradient is that loss's gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn.modules.loss import _Loss
 
-from torch_medloss import _backend
 from torch_medloss import functional as F
+from torch_medloss._options import DBCEOptions, DiceOptions, FocalOptions, as_tensor
 
 __all__ = [
     "BalancedCELoss",
@@ -35,33 +38,34 @@ __all__ = [
     "TverskyLoss",
 ]
 
-# Options kept as buffers (so .to(device) moves them), under MONAI's attribute names.
-_BUFFERS = {"weight": "class_weight", "gamma": "gamma", "alpha": "alpha"}
+# Per-class options kept as buffers (so .to(device) moves them), under MONAI's attribute names. (Tversky's float
+# alpha stays an attribute, as in MONAI.)
+_BUFFERS = {DiceOptions: {"weight": "class_weight", "gamma": "gamma"},
+            FocalOptions: {"weight": "class_weight", "alpha": "alpha"}}
 
 
 class _OptionsLoss(_Loss):
-    """Stores validated options as attributes and rebuilds the options dict for each forward."""
+    """Holds the checked options; ``forward`` calls the family's functional entry with them."""
 
-    _compute: Callable[[torch.Tensor, torch.Tensor, dict, str], torch.Tensor]
+    _family: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
-    def __init__(self, options: dict, backend: str) -> None:
-        super().__init__(reduction=options.get("reduction", "mean"))
-        self.backend = _backend.check_backend_name(backend)
-        # option name -> attribute name; tensor options become buffers (Tversky's float alpha stays an attribute).
-        self._attributes = {}
-        for name, value in options.items():
-            if name in _BUFFERS and (value is None or isinstance(value, torch.Tensor)):
-                self._attributes[name] = _BUFFERS[name]
-                self.register_buffer(_BUFFERS[name], value)
+    def __init__(self, options: DiceOptions | FocalOptions | DBCEOptions) -> None:
+        super().__init__(reduction=options.reduction)
+        self.options = options
+        # MONAI's attribute names, for code that reads them (read-only in effect: forward uses self.options).
+        buffers = _BUFFERS.get(type(options), {})
+        for item in dataclasses.fields(options):
+            name = item.name
+            if name.startswith("_") or name in ("name", "head", "with_ce"):
+                continue
+            value = getattr(options, name)
+            if name in buffers:
+                self.register_buffer(buffers[name], as_tensor(value))
             else:
-                self._attributes[name] = name
                 setattr(self, name, value)
 
-    def options(self) -> dict:
-        return {name: getattr(self, attribute) for name, attribute in self._attributes.items()}
-
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return type(self)._compute(input, target, self.options(), self.backend)
+        return type(self)._family(input, target, self.options)
 
 
 class DiceLoss(_OptionsLoss):
@@ -103,7 +107,7 @@ class DiceLoss(_OptionsLoss):
     Milletari et al., V-Net, 3DV 2016.
     """
 
-    _compute = staticmethod(F._dice)
+    _family = staticmethod(F.dice_family)
 
     def __init__(
         self,
@@ -126,11 +130,10 @@ class DiceLoss(_OptionsLoss):
         validate: bool = False,
         distributed: str = "auto",
     ) -> None:
-        options = F._dice_options(
-            include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard, reduction,
-            smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, validate, distributed,
-        )
-        super().__init__(options, backend)
+        super().__init__(DiceOptions(
+            "dice_loss", "dice", include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard,
+            reduction, smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, backend=backend,
+            validate=validate, distributed=distributed))
 
 
 class PMDiceLoss(_OptionsLoss):
@@ -156,7 +159,7 @@ class PMDiceLoss(_OptionsLoss):
         >>> value = loss(torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8)))
     """
 
-    _compute = staticmethod(F._pm_dice)
+    _family = staticmethod(F.dice_family)
 
     def __init__(
         self,
@@ -179,13 +182,12 @@ class PMDiceLoss(_OptionsLoss):
         validate: bool = False,
         distributed: str = "auto",
     ) -> None:
-        options = F._pm_dice_options(
-            gamma=gamma, include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
-            softmax=softmax, other_act=other_act, squared_pred=squared_pred, reduction=reduction,
-            smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, weight=weight, soft_label=soft_label,
-            ignore_index=ignore_index, validate=validate, distributed=distributed,
-        )
-        super().__init__(options, backend)
+        if gamma is None:
+            raise TypeError("gamma must be a number or a sequence of numbers, got None.")
+        super().__init__(DiceOptions(
+            "pm_dice_loss", "dice", include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred,
+            False, reduction, smooth_nr, smooth_dr, batch, weight, soft_label, ignore_index, gamma, backend=backend,
+            validate=validate, distributed=distributed))
 
 
 class GeneralizedDiceLoss(_OptionsLoss):
@@ -201,7 +203,7 @@ class GeneralizedDiceLoss(_OptionsLoss):
     Raises: as :class:`DiceLoss`; ValueError for an unknown ``w_type``.
     """
 
-    _compute = staticmethod(F._generalized_dice)
+    _family = staticmethod(F.dice_family)
 
     def __init__(
         self,
@@ -221,11 +223,10 @@ class GeneralizedDiceLoss(_OptionsLoss):
         validate: bool = False,
         distributed: str = "auto",
     ) -> None:
-        options = F._generalized_dice_options(
-            include_background, to_onehot_y, sigmoid, softmax, other_act, w_type, reduction, smooth_nr, smooth_dr,
-            batch, soft_label, validate, distributed,
-        )
-        super().__init__(options, backend)
+        super().__init__(DiceOptions(
+            "generalized_dice_loss", "generalized", include_background, to_onehot_y, sigmoid, softmax, other_act,
+            reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, soft_label=soft_label,
+            w_type=w_type, backend=backend, validate=validate, distributed=distributed))
 
 
 class TverskyLoss(_OptionsLoss):
@@ -240,7 +241,7 @@ class TverskyLoss(_OptionsLoss):
     Raises: as :class:`DiceLoss`.
     """
 
-    _compute = staticmethod(F._tversky)
+    _family = staticmethod(F.dice_family)
 
     def __init__(
         self,
@@ -262,11 +263,11 @@ class TverskyLoss(_OptionsLoss):
         validate: bool = False,
         distributed: str = "auto",
     ) -> None:
-        options = F._tversky_options(
-            include_background, to_onehot_y, sigmoid, softmax, other_act, alpha, beta, reduction, smooth_nr,
-            smooth_dr, batch, soft_label, ignore_index, validate, distributed,
-        )
-        super().__init__(options, backend)
+        super().__init__(DiceOptions(
+            "tversky_loss", "tversky", include_background, to_onehot_y, sigmoid, softmax, other_act,
+            reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, soft_label=soft_label,
+            ignore_index=ignore_index, alpha=alpha, beta=beta, backend=backend, validate=validate,
+            distributed=distributed))
 
 
 class DiceCELoss(_OptionsLoss):
@@ -283,7 +284,7 @@ class DiceCELoss(_OptionsLoss):
     Returns: a scalar. Raises: as :class:`DiceLoss`; ValueError for negative lambdas.
     """
 
-    _compute = staticmethod(F._dice_ce)
+    _family = staticmethod(F.dice_family)
 
     def __init__(
         self,
@@ -307,11 +308,11 @@ class DiceCELoss(_OptionsLoss):
         validate: bool = False,
         distributed: str = "auto",
     ) -> None:
-        options = F._dice_ce_options(
-            include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred, jaccard, reduction,
-            smooth_nr, smooth_dr, batch, weight, lambda_dice, lambda_ce, label_smoothing, validate, distributed,
-        )
-        super().__init__(options, backend)
+        super().__init__(DiceOptions(
+            "dice_ce_loss", "dice", include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred,
+            jaccard, reduction, smooth_nr, smooth_dr, batch, weight, with_ce=True, lambda_dice=lambda_dice,
+            lambda_ce=lambda_ce, label_smoothing=label_smoothing, backend=backend, validate=validate,
+            distributed=distributed))
 
 
 class FocalLoss(_OptionsLoss):
@@ -326,7 +327,7 @@ class FocalLoss(_OptionsLoss):
     ``validate``. Float64 inputs stay float64 here (MONAI computes in float32).
     """
 
-    _compute = staticmethod(F._focal)
+    _family = staticmethod(F.focal_family)
 
     def __init__(
         self,
@@ -342,10 +343,8 @@ class FocalLoss(_OptionsLoss):
         backend: str = "auto",
         validate: bool = False,
     ) -> None:
-        options = F._focal_options(
-            include_background, to_onehot_y, gamma, alpha, weight, reduction, use_softmax, ignore_index, validate
-        )
-        super().__init__(options, backend)
+        super().__init__(FocalOptions(include_background, to_onehot_y, gamma, alpha, weight, reduction, use_softmax,
+                                      ignore_index, backend, validate))
 
 
 class DBCELoss(_OptionsLoss):
@@ -373,7 +372,7 @@ class DBCELoss(_OptionsLoss):
         shape/device mismatch, negative radius or spacing, a spacing of the wrong length, an unknown element.
     """
 
-    _compute = staticmethod(F._dbce)
+    _family = staticmethod(F.dbce_family)
 
     def __init__(
         self,
@@ -388,8 +387,8 @@ class DBCELoss(_OptionsLoss):
         validate: bool = False,
         distributed: str = "auto",
     ) -> None:
-        options = F._dbce_options(radius, element, spacing, batch, ignore_index, reduction, validate, distributed)
-        super().__init__(options, backend)
+        super().__init__(DBCEOptions(radius, element, spacing, batch, ignore_index, reduction, backend, validate,
+                                     distributed))
 
 
 class BalancedCELoss(_OptionsLoss):
@@ -398,7 +397,7 @@ class BalancedCELoss(_OptionsLoss):
     Args: ``batch``, ``ignore_index``, ``reduction``, ``backend``, ``validate`` as :class:`DBCELoss`.
     """
 
-    _compute = staticmethod(F._dbce)
+    _family = staticmethod(F.dbce_family)
 
     def __init__(
         self,
@@ -410,5 +409,5 @@ class BalancedCELoss(_OptionsLoss):
         validate: bool = False,
         distributed: str = "auto",
     ) -> None:
-        options = F._dbce_options(0.0, "ball", None, batch, ignore_index, reduction, validate, distributed)
-        super().__init__(options, backend)
+        super().__init__(DBCEOptions(0.0, "ball", None, batch, ignore_index, reduction, backend, validate,
+                                     distributed))

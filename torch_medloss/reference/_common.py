@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from torch_medloss._validation import check_label_map, check_same_device, invalid_label_flag
+from torch_medloss._validation import check_label_map, check_target_shape, invalid_label_flag
 
 
 def compute_dtype(input: torch.Tensor) -> torch.dtype:
@@ -64,32 +64,6 @@ class Prepared:
     mask: torch.Tensor | None
     # 0-dim bool tensor: some label was out of range (only possible for CUDA tensors without validate=True).
     bad_labels: torch.Tensor | None
-
-
-def check_target_shape(input: torch.Tensor, target: torch.Tensor, expects_labels: bool) -> torch.Tensor:
-    """Check a Dice-family target against the logits; returns it with the channel dim a label map may lack."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
-    check_same_device(input, target)
-    if expects_labels and target.ndim == input.ndim - 1:
-        target = target.unsqueeze(1)  # (B, *S) label maps, as nnU-Net passes them
-    if target.ndim != input.ndim or target.shape[0] != input.shape[0] or target.shape[2:] != input.shape[2:]:
-        layout = "(B, 1, *S) or (B, *S) labels" if expects_labels else "(B, C, *S) one-hot"
-        raise ValueError(
-            f"target must match input's batch and spatial shape as {layout}: input has shape {tuple(input.shape)}, "
-            f"target has shape {tuple(target.shape)}."
-        )
-    expected_channels = 1 if expects_labels else input.shape[1]
-    if target.shape[1] != expected_channels:
-        if expects_labels:
-            raise ValueError(
-                f"target must be a label map with 1 channel when to_onehot_y=True, got shape {tuple(target.shape)}."
-            )
-        raise ValueError(
-            f"target must be one-hot with {input.shape[1]} classes like input {tuple(input.shape)}, got shape "
-            f"{tuple(target.shape)} (pass to_onehot_y=True for a label map)."
-        )
-    return target
 
 
 def prepare(

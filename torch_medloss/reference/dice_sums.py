@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import torch
 
-ACTIVATION_NONE, ACTIVATION_SOFTMAX, ACTIVATION_SIGMOID = 0, 1, 2
-# Which pixels count (w): none masked; label == ignore_index (label maps); MONAI's one-hot masks: 1 - y[ignore_index]
-# when ignore_index is a channel, or "the one-hot vector is not all zero" for a sentinel ignore_index.
-MASK_NONE, MASK_LABEL, MASK_CHANNEL, MASK_SENTINEL = 0, 1, 2, 3
+from torch_medloss import _contract as K
+from torch_medloss._contract import (
+    ACTIVATION_SIGMOID,
+    ACTIVATION_SOFTMAX,
+    MASK_CHANNEL,
+    MASK_LABEL,
+    MASK_SENTINEL,
+)
 
 
 def _activate(x: torch.Tensor, activation: int) -> torch.Tensor:
@@ -43,17 +47,16 @@ def _activate(x: torch.Tensor, activation: int) -> torch.Tensor:
 def dice_sums_fwd(
     logits: torch.Tensor,
     target: torch.Tensor,
-    gamma: torch.Tensor,
-    ce_weight: torch.Tensor,
-    activation: int,
-    target_is_labels: bool,
-    ignore_index: int,
-    mask_mode: int,
-    squared: bool,
-    with_ce: bool,
-    label_smoothing: float,
+    params: torch.Tensor,
+    codes: list[int],
+    scalars: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums (B, C, 4), extras (B, 3)) in float32 (float64 for float64 logits); differentiable in ``logits``."""
+    activation, target_is_labels = codes[K.DICE_CODE_ACTIVATION], codes[K.DICE_CODE_TARGET_IS_LABELS]
+    ignore_index, mask_mode = codes[K.DICE_CODE_IGNORE_INDEX], codes[K.DICE_CODE_MASK_MODE]
+    squared, with_ce = codes[K.DICE_CODE_SQUARED], codes[K.DICE_CODE_WITH_CE]
+    label_smoothing = scalars[K.DICE_SCALAR_LABEL_SMOOTHING]
+    gamma, ce_weight = params[K.DICE_PARAM_GAMMA], params[K.DICE_PARAM_CE_WEIGHT]
     acc = torch.promote_types(logits.dtype, torch.float32)
     x = logits.to(acc)
     num_classes = x.shape[1]
@@ -93,16 +96,20 @@ def dice_sums_fwd(
         log_q = torch.log_softmax(x, 1)
         cw = ce_weight.to(acc).view(1, -1, 1)
         eps = label_smoothing
+        # Terms with a zero factor are selected away, not multiplied: a -inf logit (a masked class) has
+        # log q = -inf, and torch's cross entropy reads it only at the label or where label smoothing puts weight.
+        zero = torch.zeros((), dtype=acc, device=x.device)
         if target_is_labels:
-            valid = in_range.to(acc)
-            picked = -(log_q * y).sum(1)  # -log q at the label
+            picked = -torch.where(y != 0, log_q, zero).sum(1)  # -log q at the label
             cw_label = (cw * y).sum(1)
-            smooth = -(cw * log_q).sum(1)
-            ce_num = (valid * ((1 - eps) * cw_label * picked + eps / num_classes * smooth)).sum(1)
-            ce_den = (valid * cw_label).sum(1)
+            term = (1 - eps) * cw_label * picked
+            if eps:
+                term = term - eps / num_classes * torch.where(cw != 0, cw * log_q, zero).sum(1)
+            ce_num = torch.where(in_range, term, zero).sum(1)
+            ce_den = (in_range.to(acc) * cw_label).sum(1)
         else:
-            smoothed = (1 - eps) * y + eps / num_classes
-            ce_num = -(cw * smoothed * log_q).sum((1, 2))
+            smoothed = cw * ((1 - eps) * y + eps / num_classes)
+            ce_num = -torch.where(smoothed != 0, smoothed * log_q, zero).sum((1, 2))
             ce_den = torch.full_like(ce_num, float(y.shape[2]))
     return sums, torch.stack([ce_num, ce_den, invalid], dim=1)
 
@@ -112,22 +119,107 @@ def dice_sums_bwd(
     grad_extras: torch.Tensor,
     logits: torch.Tensor,
     target: torch.Tensor,
-    gamma: torch.Tensor,
-    ce_weight: torch.Tensor,
-    activation: int,
-    target_is_labels: bool,
-    ignore_index: int,
-    mask_mode: int,
-    squared: bool,
-    with_ce: bool,
-    label_smoothing: float,
+    params: torch.Tensor,
+    codes: list[int],
+    scalars: list[float],
 ) -> torch.Tensor:
     """d(<grad_sums, sums> + <grad_extras, extras>)/d(logits), in logits' dtype: the ground truth of the backward."""
+    return _gradient(lambda leaf: (dice_sums_fwd(leaf, target, params, codes, scalars), (grad_sums, grad_extras)),
+                     logits)
+
+
+def dice_loss_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    params: torch.Tensor,
+    codes: list[int],
+    scalars: list[float],
+) -> torch.Tensor:
+    """The dice_loss op's loss (shape _contract.dice_loss_shape): the sums, then the head of ``codes``."""
+    sums, extras = dice_sums_fwd(logits, target, params, codes, scalars)
+    return loss_from_sums(sums, extras, params, codes, scalars)
+
+
+def dice_loss_bwd(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    params: torch.Tensor,
+    codes: list[int],
+    scalars: list[float],
+) -> torch.Tensor:
+    """d<grad_loss, loss>/d(logits), in logits' dtype: the ground truth of the dice_loss op's backward."""
+    return _gradient(lambda leaf: ((dice_loss_fwd(leaf, target, params, codes, scalars),), (grad_loss,)), logits)
+
+
+def _gradient(outputs_and_grads, logits: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         leaf = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).requires_grad_(True)
-        sums, extras = dice_sums_fwd(leaf, target, gamma, ce_weight, activation, target_is_labels, ignore_index,
-                                     mask_mode, squared, with_ce, label_smoothing)
-        total = (sums * grad_sums.to(sums)).sum() + (extras * grad_extras.to(extras)).sum()
+        outputs, grads = outputs_and_grads(leaf)
+        total = sum((output * grad.to(output)).sum() for output, grad in zip(outputs, grads, strict=True))
         (grad,) = torch.autograd.grad(total, leaf, allow_unused=True)
     grad = torch.zeros_like(leaf) if grad is None else grad
     return grad.to(logits.dtype)
+
+
+def loss_from_sums(
+    sums: torch.Tensor,
+    extras: torch.Tensor,
+    params: torch.Tensor,
+    codes: list[int],
+    scalars: list[float],
+    all_reduce=None,
+) -> torch.Tensor:
+    """The loss head on the sums (B, C, 4) and extras (B, 3): what the fused dice_loss ops compute after the sums.
+
+    Composed from the reference losses' own per-class formulas (torch_medloss.reference.dice), so the fused heads
+    and the references cannot drift apart. ``all_reduce``: a differentiable sum over the ranks of a process group,
+    applied to the batch sums and the cross-entropy totals (DDP batch Dice), or None. The shape is
+    _contract.dice_loss_shape; a bad label (extras' invalid count) makes it NaN.
+    """
+    from torch_medloss.reference import dice as formulas
+    from torch_medloss.reference._common import poison
+
+    drop, batch = codes[K.DICE_CODE_DROP_BACKGROUND], codes[K.DICE_CODE_BATCH]
+    reduction = {K.REDUCTION_MEAN: "mean", K.REDUCTION_SUM: "sum", K.REDUCTION_NONE: "none"}[
+        codes[K.DICE_CODE_REDUCTION]]
+    nr, dr = scalars[K.DICE_SCALAR_SMOOTH_NR], scalars[K.DICE_SCALAR_SMOOTH_DR]
+    kept = sums[:, drop:]
+    if batch:
+        kept = kept.sum(0)
+        if all_reduce is not None:
+            kept = all_reduce(kept)
+    intersection, pred, ground, difference = kept.unbind(-1)
+    if codes[K.DICE_CODE_SOFT_INTERSECTION]:
+        intersection = (pred + ground - difference) / 2  # MONAI's soft-label intersection
+    head = codes[K.DICE_CODE_HEAD]
+    if head == K.HEAD_GENERALIZED:
+        w_type = {K.W_TYPE_SQUARE: "square", K.W_TYPE_SIMPLE: "simple", K.W_TYPE_UNIFORM: "uniform"}[
+            codes[K.DICE_CODE_W_TYPE]]
+        f = formulas.generalized_dice_from_sums(intersection, pred, ground, w_type, bool(batch), nr, dr)
+        loss = _reduce(f, reduction)
+    elif head == K.HEAD_TVERSKY:
+        alpha, beta = scalars[K.DICE_SCALAR_ALPHA], scalars[K.DICE_SCALAR_BETA]
+        loss = formulas.tversky_from_sums(intersection, pred - intersection, ground - intersection, alpha, beta,
+                                          nr, dr, reduction)
+    else:
+        f = formulas.dice_from_sums(intersection, pred, ground, bool(codes[K.DICE_CODE_JACCARD]), nr, dr)
+        if codes[K.DICE_CODE_HAS_WEIGHT]:
+            f = f * params[K.DICE_PARAM_WEIGHT, drop:].to(f)
+        loss = _reduce(f, reduction)
+    loss = scalars[K.DICE_SCALAR_LAMBDA_DICE] * loss if codes[K.DICE_CODE_WITH_CE] else loss
+    if codes[K.DICE_CODE_WITH_CE]:
+        ce_total, ce_normalizer = extras[:, K.DICE_EXTRA_CE_NUM].sum(), extras[:, K.DICE_EXTRA_CE_DEN].sum()
+        if all_reduce is not None:
+            ce_total, ce_normalizer = all_reduce(ce_total), all_reduce(ce_normalizer)
+        ce = ce_total if reduction == "sum" else ce_total / ce_normalizer
+        loss = loss + scalars[K.DICE_SCALAR_LAMBDA_CE] * ce.to(loss.dtype)
+    return poison(loss, extras[:, K.DICE_EXTRA_INVALID].sum() > 0)
+
+
+def _reduce(f: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return f.mean()
+    if reduction == "sum":
+        return f.sum()
+    return f

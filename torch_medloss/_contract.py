@@ -1,0 +1,87 @@
+"""The contract constants of the fused ops, defined once for Python (the references, the op layer and the Triton
+kernels import them from here). C++ and CUDA define them once in csrc/contract.h; tests/test_contract.py checks
+that the two definitions agree.
+
+Nothing here imports torch: the Triton kernel modules read these as plain ints (``tl.constexpr`` values).
+
+The Dice-family ops (``dice_sums_fwd``/``_bwd`` and ``dice_loss_fwd``/``_bwd``, all backends) take their options as
+two lists, ``codes`` (ints) and ``scalars`` (floats), whose positions are the ``DICE_CODE_*`` and ``DICE_SCALAR_*``
+indices below, and a ``params`` tensor (DICE_PARAM_ROWS, C) of per-class values (rows ``DICE_PARAM_*``). One list
+layout instead of a dozen named arguments: every layer passes the lists through untouched, and only the two ends
+(``torch_medloss.functional``, which builds them, and the kernels, which read them) know what is in them.
+"""
+
+# ------------------------------------------------------------------------------------------------ Dice family
+# activation applied to the logits before the Dice sums
+ACTIVATION_NONE, ACTIVATION_SOFTMAX, ACTIVATION_SIGMOID = 0, 1, 2
+# which pixels count (w): none masked; label == ignore_index (label maps); MONAI's one-hot masks: 1 - y[ignore_index]
+# when ignore_index is a channel, or "the one-hot vector is not all zero" for a sentinel ignore_index.
+MASK_NONE, MASK_LABEL, MASK_CHANNEL, MASK_SENTINEL = 0, 1, 2, 3
+# the loss computed from the sums: MONAI's Dice (also PM Dice), generalized Dice, Tversky
+HEAD_DICE, HEAD_GENERALIZED, HEAD_TVERSKY = 0, 1, 2
+REDUCTION_MEAN, REDUCTION_SUM, REDUCTION_NONE = 0, 1, 2
+# generalized Dice class weights: 1/G^2, 1/G, 1
+W_TYPE_SQUARE, W_TYPE_SIMPLE, W_TYPE_UNIFORM = 0, 1, 2
+
+# positions in ``codes``
+DICE_CODE_ACTIVATION = 0
+DICE_CODE_TARGET_IS_LABELS = 1  # 1: target is a (B, S) label map; 0: a dense (B, C, S) float target
+DICE_CODE_IGNORE_INDEX = 2  # read by MASK_LABEL and MASK_CHANNEL
+DICE_CODE_MASK_MODE = 3
+DICE_CODE_SQUARED = 4  # k = 2 in P and G
+DICE_CODE_WITH_CE = 5  # also the cross entropy of the raw logits (Dice+CE)
+DICE_CODE_HEAD = 6
+DICE_CODE_DROP_BACKGROUND = 7  # the loss leaves class 0 out (include_background=False with C > 1)
+DICE_CODE_BATCH = 8  # sums over the batch before the ratio
+DICE_CODE_REDUCTION = 9
+DICE_CODE_JACCARD = 10
+DICE_CODE_SOFT_INTERSECTION = 11  # I = (P + G - D) / 2 (MONAI's soft_label with k = 1)
+DICE_CODE_W_TYPE = 12
+DICE_CODE_HAS_WEIGHT = 13  # multiply each class's loss by params[DICE_PARAM_WEIGHT]
+DICE_NUM_CODES = 14
+
+# positions in ``scalars``
+DICE_SCALAR_LABEL_SMOOTHING = 0
+DICE_SCALAR_SMOOTH_NR = 1
+DICE_SCALAR_SMOOTH_DR = 2
+DICE_SCALAR_ALPHA = 3  # Tversky
+DICE_SCALAR_BETA = 4  # Tversky
+DICE_SCALAR_LAMBDA_DICE = 5
+DICE_SCALAR_LAMBDA_CE = 6
+DICE_NUM_SCALARS = 7
+
+# rows of ``params`` (DICE_PARAM_ROWS, C), indexed by the full class index c (class 0 included)
+DICE_PARAM_GAMMA = 0  # PM Dice modulator exponent (0: m = 1)
+DICE_PARAM_WEIGHT = 1  # the Dice class weights (HAS_WEIGHT)
+DICE_PARAM_CE_WEIGHT = 2  # the cross-entropy class weights (1 without weights)
+DICE_PARAM_ROWS = 3
+
+# the dice_sums ops' outputs: sums (B, C, DICE_NUM_SUMS) and extras (B, DICE_NUM_EXTRAS)
+DICE_SUM_I, DICE_SUM_P, DICE_SUM_G, DICE_SUM_D = 0, 1, 2, 3
+DICE_NUM_SUMS = 4
+DICE_EXTRA_CE_NUM, DICE_EXTRA_CE_DEN, DICE_EXTRA_INVALID = 0, 1, 2
+DICE_NUM_EXTRAS = 3
+# the dice_loss ops' coefficients (B or 1, DICE_NUM_COEFFICIENTS, C): d loss / d (I, P, D) per class in the rows of
+# the same index as the sums (G has no gradient), and the cross entropy's d loss / d ce_num in row DICE_COEF_CE,
+# column 0, of the first image. The backward kernels then read either layout with the same row indices.
+DICE_COEF_I, DICE_COEF_P, DICE_COEF_CE, DICE_COEF_D = 0, 1, 2, 3
+DICE_NUM_COEFFICIENTS = 4
+# the fused kernels keep a pixel's classes in registers; past this many classes the reference runs instead
+DICE_MAX_CLASSES = 128
+
+
+def dice_loss_shape(batch_size: int, num_classes: int, codes) -> tuple[int, ...]:
+    """The shape of the dice_loss op's loss: () for mean/sum; for "none", (B, C') or (C',) with batch for Dice and
+    Tversky (C' the kept classes), (B, 1) or (1,) for generalized Dice."""
+    if codes[DICE_CODE_REDUCTION] != REDUCTION_NONE:
+        return ()
+    if codes[DICE_CODE_HEAD] == HEAD_GENERALIZED:
+        per_unit = (1,)
+    else:
+        per_unit = (num_classes - codes[DICE_CODE_DROP_BACKGROUND],)
+    return per_unit if codes[DICE_CODE_BATCH] else (batch_size, *per_unit)
+
+
+def dice_coefficient_rows(batch_size: int, codes) -> int:
+    """Images in the coefficients: 1 with batch (every image shares them), else B."""
+    return 1 if codes[DICE_CODE_BATCH] else batch_size
