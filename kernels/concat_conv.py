@@ -60,6 +60,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from torch_medloss.kernels._device import on_device
+from torch_medloss.reference.concat_conv import output_memory_format
 
 # No autotuning yet: no GPU has timed these kernels. An autotune key would be (C_i tuple, O, K, dtype, layout);
 # the candidates worth timing on an H100 are listed in the report of issue 6 (BLOCK_M 64/128, BLOCK_N 64/128,
@@ -764,10 +765,6 @@ def _check(op: str, inputs: list[torch.Tensor], weight: torch.Tensor, padding: i
     return ks, first.shape[2] + 2 * padding - ks + 1, first.shape[3] + 2 * padding - ks + 1
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def _weight_view(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """The weight as (KS, KS, C, O) contiguous, so that a (channels, out) tile is contiguous along O, and its
     strides in (o, c, kh, kw) order for the kernels. A visible copy of a small tensor (O * C * K * K elements)."""
@@ -807,12 +804,13 @@ def _slots(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int], 
 @triton_op("torch_medloss::concat_conv2d_triton", mutates_args=())
 def concat_conv2d_triton(inputs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, padding: int,
                          relu: bool) -> torch.Tensor:
-    """Check, allocate, launch: (B, O, H', W') in the inputs' dtype, channels_last when inputs[0] is."""
+    """Check, allocate, launch: (B, O, H', W') in the inputs' dtype and the reference's output_memory_format (the
+    first input that is densely NCHW or channels_last but not both decides)."""
     op = "torch_medloss::concat_conv2d_triton"
     ks, out_h, out_w = _check(op, inputs, weight, padding)
     first = inputs[0]
     batch, out_channels = first.shape[0], weight.shape[0]
-    layout = torch.channels_last if _channels_last(first) else torch.contiguous_format
+    layout = output_memory_format(inputs)  # one rule for every backend (not inputs[0]: a 1-channel one is ambiguous)
     out = torch.empty((batch, out_channels, out_h, out_w), dtype=first.dtype, device=first.device,
                       memory_format=layout)
     num_pixels = batch * out_h * out_w

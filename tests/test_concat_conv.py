@@ -88,7 +88,7 @@ def test_reference_front_end_and_module_match_literal_cat_conv(case):
         _, twice = values_and_grads(fn, inputs, weight, b, 2 * grad_out)
         for g, g2 in zip(grads, twice, strict=True):
             assert torch.equal(g2, 2 * g), name
-    # The output follows the first input's layout, as F.conv2d on the cat does.
+    # All inputs channels_last: so is the output (output_memory_format; see test_output_layout_from_all_inputs).
     if channels_last and min(out_shape[1], out_shape[2] * out_shape[3]) > 1:
         assert got.is_contiguous(memory_format=torch.channels_last)
 
@@ -303,3 +303,66 @@ def test_autocast_casts_like_conv2d():
     # float64 is not an autocast dtype: left alone, as autocast leaves it for conv2d.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert concat_conv2d([x.double() for x in inputs], weight.double(), None).dtype == torch.float64
+
+
+def _laid_out(kind, channels, generator, height=5, width=4):
+    """(2, channels, H, W) float64: "nchw", "nhwc" (dense channels_last strides, even for 1 channel, as
+    torch.empty(memory_format=torch.channels_last) gives), "nhwc1" (.to(channels_last) of a 1-channel tensor: NCHW's
+    strides kept, which fit channels_last too) or "view" (a channel and column slice: no dense layout)."""
+    x = torch.randn(2, channels, height, width, dtype=torch.float64, generator=generator)
+    if kind == "nhwc":
+        return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    if kind == "nhwc1":
+        return x.to(memory_format=torch.channels_last)
+    if kind == "view":
+        wide = torch.randn(2, channels + 2, height, 2 * width, dtype=torch.float64, generator=generator)
+        return wide[:, 1:channels + 1, :, ::2]
+    return x
+
+
+# (layout, channels) per input -> the output layout: the first input densely in one layout but not both decides.
+LAYOUT_CASES = [
+    ((("nhwc", 1), ("nhwc", 4)), torch.channels_last),  # the issue's case: a 1-channel image first
+    ((("nhwc1", 1), ("nhwc", 3), ("nchw", 2)), torch.channels_last),
+    ((("view", 3), ("nhwc", 2)), torch.channels_last),
+    ((("nchw", 1), ("nchw", 3), ("nhwc", 2)), torch.contiguous_format),
+    ((("nhwc", 2), ("nchw", 3)), torch.channels_last),
+    ((("nchw", 2), ("nhwc", 3)), torch.contiguous_format),
+    ((("nhwc", 1), ("nhwc1", 1)), torch.contiguous_format),  # nothing decides
+    ((("view", 2),), torch.contiguous_format),
+]
+
+
+@pytest.mark.parametrize("layouts, expected", LAYOUT_CASES, ids=lambda v: "-".join(f"{k}{c}" for k, c in v)
+                         if isinstance(v, tuple) else str(v).split(".")[-1])
+def test_output_layout_from_all_inputs(layouts, expected):
+    """Every backend runnable here gives the output the layout output_memory_format picks from all the inputs (a
+    1-channel channels_last first input used to give NCHW), with the literal cat + conv's values and gradients."""
+    generator = torch.Generator().manual_seed(len(layouts))
+    inputs = [_laid_out(kind, channels, generator) for kind, channels in layouts]
+    channels = sum(c for _, c in layouts)
+    weight = torch.randn(3, channels, 3, 3, dtype=torch.float64, generator=generator)
+    bias = torch.randn(3, dtype=torch.float64, generator=generator)
+    assert reference.output_memory_format(inputs) == expected
+    grad_out = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=generator)
+
+    def run(fn):  # values_and_grads, with leaves that keep the inputs' strides (clone() makes a view dense)
+        leaves = [x.detach().requires_grad_() for x in (*inputs, weight, bias)]
+        out = fn(leaves[:-2], leaves[-2], leaves[-1])
+        return out, torch.autograd.grad(out, leaves, grad_out)
+
+    want, want_grads = run(lambda xs, w, b: literal(xs, w, b, 1, True))
+    for fn in (lambda xs, w, b: reference.concat_conv2d(xs, w, b, 1, True),
+               lambda xs, w, b: concat_conv2d(xs, w, b, 1, "relu")):
+        got, grads = run(fn)
+        assert got.is_contiguous(memory_format=expected), got.stride()
+        torch.testing.assert_close(got, want, **TIGHT)
+        for g, e in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(g, e, **TIGHT)
+    module = ConcatConv2d([c for _, c in layouts], 3, 3, 1, True, "relu", dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+        got = module(*inputs)
+    assert got.is_contiguous(memory_format=expected), got.stride()
+    torch.testing.assert_close(got, want.detach(), **TIGHT)

@@ -99,8 +99,9 @@ def check(name, channels, out_channels, ks, padding, batch, height, width, bias,
     if out.dtype != dtype or out.shape != out_shape:
         FAILURES.append(f"{name}: out {out.dtype} {tuple(out.shape)}, expected {dtype} {out_shape}")
         return
-    # A 1-channel first input is both layouts at once; the kernel then gives the contiguous one.
-    expected_layout = torch.channels_last if layout == "nhwc" and channels[0] > 1 else torch.contiguous_format
+    # A 1-channel input (or a 1x1 image) is both layouts at once and does not decide; any other "nhwc" input does.
+    decides = layout == "nhwc" and max(channels) > 1 and height * width > 1
+    expected_layout = torch.channels_last if decides else torch.contiguous_format
     if not out.is_contiguous(memory_format=expected_layout):
         FAILURES.append(f"{name}: out strides {out.stride()} are not {expected_layout}")
     for g, x in zip(grads, leaves, strict=True):
@@ -129,6 +130,59 @@ def check(name, channels, out_channels, ks, padding, batch, height, width, bias,
 def run_script(body: str, interpret: bool = True) -> subprocess.CompletedProcess:
     """helpers.run_script with this file's PRELUDE: a fresh interpreter, under TRITON_INTERPRET=1 or not."""
     return helpers.run_script(PRELUDE, body, interpret)
+
+
+@TRITON
+def test_triton_interpreted_output_layout_from_all_inputs():
+    """The Triton op allocates its output in the reference's output_memory_format: a 1-channel channels_last first
+    input no longer makes a channels_last network's output NCHW; the values and every gradient match the float64
+    reference."""
+    run_script(
+        """
+        from torch_medloss.reference.concat_conv import output_memory_format
+
+        generator = torch.Generator().manual_seed(4)
+        cl, nchw = torch.channels_last, torch.contiguous_format
+
+        def laid_out(kind, channels):
+            x = torch.randn(2, channels, 5, 4, generator=generator)
+            if kind == "nhwc":  # dense channels_last strides, also for 1 channel
+                return torch.empty_like(x, memory_format=cl).copy_(x)
+            if kind == "nhwc1":  # .to(channels_last) keeps a 1-channel tensor's NCHW strides
+                return x.to(memory_format=cl)
+            if kind == "view":
+                return torch.randn(2, channels + 2, 5, 8, generator=generator)[:, 1:channels + 1, :, ::2]
+            return x
+
+        for layouts, expected in [
+            ((("nhwc", 1), ("nhwc", 4)), cl), ((("nhwc1", 1), ("nhwc", 3), ("nchw", 2)), cl),
+            ((("view", 3), ("nhwc", 2)), cl), ((("nchw", 1), ("nchw", 3), ("nhwc", 2)), nchw),
+            ((("nhwc", 2), ("nchw", 3)), cl), ((("nchw", 2), ("nhwc", 3)), nchw), ((("nhwc", 1), ("nhwc1", 1)), nchw),
+        ]:
+            name = "-".join(f"{k}{c}" for k, c in layouts)
+            inputs = [laid_out(kind, c) for kind, c in layouts]
+            weight = torch.randn(3, sum(c for _, c in layouts), 3, 3, generator=generator) / 9
+            bias = torch.randn(3, generator=generator)
+            grad_out = torch.randn(2, 3, 5, 4, generator=generator)
+            if output_memory_format(inputs) != expected:
+                FAILURES.append(f"{name}: output_memory_format {output_memory_format(inputs)}, expected {expected}")
+            results = []
+            for fn, cast in ((lambda xs, w, b: kernel.concat_conv2d_triton(xs, w, b, 1, True), torch.float32),
+                             (lambda xs, w, b: concat_conv2d(xs, w, b, 1, "relu", backend="triton"), torch.float32),
+                             (lambda xs, w, b: reference(xs, w, b, 1, True), torch.float64)):
+                leaves = [t.detach().to(cast).requires_grad_() for t in (*inputs, weight, bias)]
+                out = fn(leaves[:-2], leaves[-2], leaves[-1])
+                # (the float64 copies of the reference's leaves are dense: its layout is test_concat_conv.py's)
+                if cast == torch.float32 and not out.is_contiguous(memory_format=expected):
+                    FAILURES.append(f"{name}: out strides {out.stride()} are not {expected}")
+                results.append((out, torch.autograd.grad(out, leaves, grad_out.to(cast))))
+            truth, truth_grads = results[-1]
+            for out, grads in results[:-1]:
+                compare(f"{name} out", out, truth, **FP32)
+                for i, (g, e) in enumerate(zip(grads, truth_grads, strict=True)):
+                    compare(f"{name} grad {i}", g, e, **FP32)
+        """
+    )
 
 
 @TRITON

@@ -51,8 +51,10 @@ def concat_conv2d(
         backend: "auto" (Triton on CUDA tensors, the reference elsewhere), "triton" or "reference".
 
     Returns:
-        (B, O, H + 2 padding - K + 1, W + 2 padding - K + 1) in the inputs' dtype; channels_last when the first
-        input is.
+        (B, O, H + 2 padding - K + 1, W + 2 padding - K + 1) in the inputs' dtype, on every backend in the layout of
+        the first input that is densely NCHW or channels_last but not both: a 1-channel input (or a 1x1 image) fits
+        both and a strided view neither, so the next input decides (NCHW when none does). A channels_last network
+        whose first input is a 1-channel image keeps channels_last.
 
     Autocast: inside ``torch.autocast`` (as for ``conv2d``, which autocast runs in its lower precision) float32,
     float16 and bfloat16 inputs, weight and bias are cast to the autocast dtype first; float64 is left alone.
