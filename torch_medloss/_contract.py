@@ -85,3 +85,28 @@ def dice_loss_shape(batch_size: int, num_classes: int, codes) -> tuple[int, ...]
 def dice_coefficient_rows(batch_size: int, codes) -> int:
     """Images in the coefficients: 1 with batch (every image shares them), else B."""
     return 1 if codes[DICE_CODE_BATCH] else batch_size
+
+
+# ------------------------------------------------------------------------------------------------------- DBCE
+# the structuring element
+ELEMENT_BALL, ELEMENT_CUBE = 0, 1
+# class masks: one bit per class, in the narrowest integer dtype that holds C bits
+MAX_MASK_CLASSES = 64
+
+# positions in the dbce_loss ops' ``codes`` and ``scalars``
+DBCE_CODE_ELEMENT = 0
+DBCE_CODE_BATCH = 1  # class weights from the whole batch instead of each image
+DBCE_CODE_REDUCTION = 2  # REDUCTION_*: "none" gives the (B, S) map w * CE
+DBCE_CODE_IGNORE_INDEX = 3
+DBCE_NUM_CODES = 4
+DBCE_SCALAR_RADIUS = 0
+DBCE_SCALAR_SPACING = 1  # three values from here: the voxel size along D, H, W
+DBCE_NUM_SCALARS = 4
+# Offsets of the element's first pass, which walks two axes at once (a disk or a rectangle) when their window has
+# at most this many offsets; beyond, each axis takes a pass of its own (one more launch).
+DBCE_MAX_BOX_OFFSETS = 169
+
+
+def dbce_loss_shape(batch_size: int, num_pixels: int, codes) -> tuple[int, ...]:
+    """The dbce_loss op's loss: () for mean/sum, the (B, S) map for "none"."""
+    return (batch_size, num_pixels) if codes[DBCE_CODE_REDUCTION] == REDUCTION_NONE else ()

@@ -123,7 +123,7 @@ def check_label_map(
         if not bool(whole.all()):
             bad = labels[~whole][:5].tolist()
             raise ValueError(f"{name} holds float labels that are not whole numbers, e.g. {bad}.")
-    lowest, highest = torch.aminmax(labels)
+    lowest, highest = (value.item() for value in torch.aminmax(labels))
     if lowest >= 0 and highest < num_classes:  # the common case, in one cheap pass
         return
     valid = (labels >= 0) & (labels < num_classes)

@@ -33,6 +33,8 @@ class HostCost:
 
     ops: Counter = field(default_factory=Counter)
     launches: Counter = field(default_factory=Counter)
+    # Inside a Triton launch: the interpreter copies the arguments with PyTorch ops that a GPU launch does not run.
+    in_launch: bool = False
 
     @property
     def num_ops(self) -> int:
@@ -54,12 +56,25 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         namespace = func.namespace
         name = func.overloadpacket.__name__
+        kwargs = kwargs or {}
         if namespace == "torch_medloss":
-            if not name.endswith("_triton"):  # a Triton op's launches are counted by the launch hook
-                self.cost.launches[f"torch_medloss::{name}"] += 1
-        elif not (func.is_view or name in _FREE or name.startswith("_has_")):
+            python_op = _python_ops().get(f"torch_medloss::{name}")
+            if python_op is not None:
+                # A Triton op's body is Python: run it with this mode on again, so that the PyTorch ops inside it
+                # (a zeros for the last-program tickets, say) are counted too, and its launches by the hook.
+                with self:
+                    return python_op._init_fn(*args, **kwargs)
+            self.cost.launches[f"torch_medloss::{name}"] += 1  # a C++ op: its kernels are out of sight
+        elif not (self.cost.in_launch or func.is_view or name in _FREE or name.startswith("_has_")):
             self.cost.ops[f"{namespace}::{name}"] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def _python_ops() -> dict:
+    """The ops defined in Python (torch.library.custom_op / triton_op), by qualified name."""
+    from torch._library import custom_ops
+
+    return custom_ops.OPDEFS
 
 
 @contextlib.contextmanager
@@ -84,7 +99,11 @@ def _triton_launch_hook(cost: HostCost):
 
         def run(self, *args, _original=original, **kwargs):
             cost.launches[getattr(getattr(self, "fn", None), "__name__", "triton kernel")] += 1
-            return _original(self, *args, **kwargs)
+            cost.in_launch = True
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                cost.in_launch = False
 
         owner.run = run
         patched.append((owner, original))
@@ -98,8 +117,11 @@ def _triton_launch_hook(cost: HostCost):
 def loss_host_cost(module: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> HostCost:
     """The host cost of one forward and backward of ``module`` (after one warm-up call, which may build)."""
     leaf = logits.detach().clone().requires_grad_(True)
-    module(leaf, labels).backward()
+    warm = module(leaf, labels)
+    warm.backward(torch.ones_like(warm) if warm.ndim else None)
     leaf.grad = None
     with count_host_cost() as cost:
-        module(leaf, labels).backward()  # a scalar loss: autograd's ones_like is part of every training step
+        loss = module(leaf, labels)
+        # A scalar loss's backward starts from autograd's ones_like, part of every training step; "none" from ones.
+        loss.backward(torch.ones_like(loss) if loss.ndim else None)
     return cost

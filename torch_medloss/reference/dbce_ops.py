@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from torch_medloss.reference.dbce import dilate, structuring_element
+from torch_medloss import _contract as K
+from torch_medloss._contract import ELEMENT_BALL, ELEMENT_CUBE, MAX_MASK_CLASSES  # noqa: F401  (re-exported)
+from torch_medloss.reference.dbce import class_weights_from_sums, dilate, reduce_weighted, structuring_element
 
-ELEMENT_BALL, ELEMENT_CUBE = 0, 1
 _MASK_DTYPES = ((8, torch.uint8), (16, torch.int16), (32, torch.int32), (64, torch.int64))
-MAX_MASK_CLASSES = 64
 
 
 def mask_dtype(num_classes: int) -> torch.dtype:
@@ -103,3 +103,28 @@ def dbce_ce_bwd(
             total = total + (weighted * grad_map.to(weighted)).sum()
         (grad,) = torch.autograd.grad(total, leaf)
     return grad.to(logits.dtype)
+
+
+def dbce_loss_fwd(logits: torch.Tensor, labels: torch.Tensor, codes: list[int], scalars: list[float]) -> torch.Tensor:
+    """The dbce_loss op: DBCE of logits (B, C, S) and labels (B, D, H, W) (S = D H W), shape
+    _contract.dbce_loss_shape: the masks, the class weights of each unit, the weighted cross entropy, the reduction;
+    NaN where a label is neither a class nor ignore_index."""
+    from torch_medloss.reference._common import poison
+
+    batch, num_classes, num_pixels = logits.shape
+    ignore_index = codes[K.DBCE_CODE_IGNORE_INDEX]
+    spacing = list(scalars[K.DBCE_SCALAR_SPACING:K.DBCE_SCALAR_SPACING + 3])
+    masks, counts, areas, invalid = dbce_masks(labels, num_classes, ignore_index, codes[K.DBCE_CODE_ELEMENT],
+                                               scalars[K.DBCE_SCALAR_RADIUS], spacing)
+    unit_batch = bool(codes[K.DBCE_CODE_BATCH])
+    class_weights, _ = class_weights_from_sums(counts, areas, unit_batch, "off", torch.float64)
+    per_image = class_weights.expand(batch, num_classes) if unit_batch else class_weights
+    accumulator = torch.promote_types(logits.dtype, torch.float32)
+    reduction = codes[K.DBCE_CODE_REDUCTION]
+    sums, weighted = dbce_ce_fwd(logits, labels.reshape(batch, num_pixels), masks.reshape(batch, num_pixels),
+                                 per_image.to(accumulator), ignore_index, reduction == K.REDUCTION_NONE)
+    bad = invalid.sum() > 0
+    if reduction == K.REDUCTION_NONE:
+        return poison(weighted, bad)
+    mode = "mean" if reduction == K.REDUCTION_MEAN else "sum"
+    return poison(reduce_weighted(sums[:, 0].sum(), sums[:, 1].sum(), mode, unit_batch, "off"), bad)
