@@ -20,16 +20,23 @@
 // in chunk order, so the sums are bitwise the same for any thread count. exp and log of float32 (and of
 // bfloat16/float16, which accumulate in float32) are exp_f32 / log_f32 of vec_math.h (branch-free, within 1 ulp;
 // the softmax's exp(x - max) flushes results below 2^-125 to 0), float64 keeps std::exp / std::log. The per-task
-// code is always-inline and compiled into a baseline, an AVX2 and an AVX-512 entry point, picked at run time by
-// cpu_isa() (as in dice_sums_kernel.cpp); the AVX2/AVX-512 versions may fuse multiply-adds, so their results can
-// differ from the baseline's in the last bits, but each is the same run to run and for any number of threads.
+// code (dbce_ce_tasks_impl.h) is always-inline and compiled into a baseline, an AVX2 and an AVX-512 entry point, each
+// in its own file (dbce_isa_<isa>.cpp, built in parallel; isa.h), picked at run time by cpu_isa() (as in
+// dice_sums_kernel.cpp); the AVX2/AVX-512 versions may fuse multiply-adds, so their results can differ from the
+// baseline's in the last bits, but each is the same run to run and for any number of threads. The masks and
+// everything else in this file are baseline code.
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+#include "dbce_ce_tasks.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -41,11 +48,10 @@
 #include <utility>
 #include <vector>
 
-// Elementwise loops over rows that never alias (see dice_sums_kernel.cpp); no reductions, so no result changes.
-#define MEDLOSS_SIMD _Pragma("omp simd")
-
 namespace torch_medloss {
 namespace {
+
+using namespace dbce_cpu;  // the cross entropy tasks' interface (dbce_ce_tasks.h)
 
 constexpr int64_t kElementBall = 0, kElementCube = 1;
 constexpr int64_t kMaxClasses = 64;  // one bit per class in an int64 mask
@@ -53,9 +59,8 @@ constexpr int64_t kMaxClasses = 64;  // one bit per class in an int64 mask
 constexpr double kBoundaryTolerance = 1e-9;
 // Masks: at least this many pixels of slices per task (a constant; the results are exact integers anyway).
 constexpr int64_t kSliceTaskPixels = 16384;
-// Cross entropy: pixels per task (a constant, never derived from the thread count) and per tile.
+// Cross entropy: pixels per task (a constant, never derived from the thread count); a chunk holds whole tiles.
 constexpr int64_t kChunkPixels = 8192;
-constexpr int64_t kTilePixels = 64;
 static_assert(kChunkPixels % kTilePixels == 0, "a chunk must hold whole tiles");
 
 int64_t ceil_div(int64_t a, int64_t b) {
@@ -378,6 +383,23 @@ void masks_impl(const MaskParams& p, const at::Tensor& labels, at::Tensor& masks
   }
 }
 
+// Calls body(mask_t{}) for the mask dtypes mask_dtype() gives: AT_DISPATCH_INTEGRAL_TYPES would also compile an
+// int8 copy of masks_impl that no call reaches.
+template <typename Body>
+void dispatch_mask_type(at::ScalarType dtype, const Body& body) {
+  switch (dtype) {
+    case at::kByte:
+      return body(uint8_t{});
+    case at::kShort:
+      return body(int16_t{});
+    case at::kInt:
+      return body(int32_t{});
+    default:
+      TORCH_INTERNAL_ASSERT(dtype == at::kLong, "dbce_masks: unexpected mask dtype ", dtype);
+      return body(int64_t{});
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cpu(const at::Tensor& labels,
                                                                           int64_t num_classes, int64_t ignore_index,
                                                                           int64_t element, double radius,
@@ -416,94 +438,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cpu(const 
   int64_t* invalid_out = invalid.mutable_data_ptr<int64_t>();
   AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "dbce_masks_cpu", [&] {
     using label_t = scalar_t;
-    AT_DISPATCH_INTEGRAL_TYPES(masks.scalar_type(), "dbce_masks_cpu", [&] {
-      masks_impl<label_t, scalar_t>(p, labels, masks, counts_out, areas_out, invalid_out);
+    dispatch_mask_type(masks.scalar_type(), [&](auto mask) {
+      masks_impl<label_t, decltype(mask)>(p, labels, masks, counts_out, areas_out, invalid_out);
     });
   });
   return {masks, counts, areas, invalid};
 }
 
 // ==================================================================================================== cross entropy
-
-// One image's view of the inputs, and the task's tiles.
-template <typename acc_t>
-struct CeScratch {
-  explicit CeScratch(int64_t classes)
-      : x(classes * kTilePixels), max(kTilePixels), sum(kTilePixels), picked(kTilePixels), w(kTilePixels),
-        wce(kTilePixels), mask(kTilePixels), label(kTilePixels), lanes(2 * kTilePixels) {}
-  std::vector<acc_t> x;  // logits, class-major: (c, j) at c * T + j; the backward's gradient afterwards
-  std::vector<acc_t> max, sum, picked, w, wce;
-  std::vector<int64_t> mask;   // the tile's masks, sign-extended like the reference's masks.long()
-  std::vector<int32_t> label;  // the tile's labels, -1 when out of range or ignored
-  std::vector<acc_t> lanes;    // forward: lane j of sum w CE at j, of sum w at T + j
-};
-
-// Copies pixels [first, first + n) of one image of a (B, C, S) tensor into the class-major tile (as acc_t), walking
-// memory along the smaller stride.
-template <typename scalar_t, typename acc_t>
-MEDLOSS_INLINE void gather(const scalar_t* image, int64_t stride_c, int64_t stride_s, int64_t classes, int64_t first, int64_t n,
-            acc_t* dst) {
-  const scalar_t* start = image + first * stride_s;
-  if (stride_c < stride_s) {
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t* pixel = start + j * stride_s;
-      for (int64_t c = 0; c < classes; ++c) {
-        dst[c * kTilePixels + j] = static_cast<acc_t>(pixel[c * stride_c]);
-      }
-    }
-    return;
-  }
-  for (int64_t c = 0; c < classes; ++c) {
-    const scalar_t* src = start + c * stride_c;
-    acc_t* out = dst + c * kTilePixels;
-    if (stride_s == 1) {
-      MEDLOSS_SIMD
-      for (int64_t j = 0; j < n; ++j) {
-        out[j] = static_cast<acc_t>(src[j]);
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        out[j] = static_cast<acc_t>(src[j * stride_s]);
-      }
-    }
-  }
-}
-
-// The inverse of gather: writes the tile to pixels [first, first + n), as scalar_t.
-template <typename scalar_t, typename acc_t>
-MEDLOSS_INLINE void scatter(const acc_t* src, int64_t stride_c, int64_t stride_s, int64_t classes, int64_t first, int64_t n,
-             scalar_t* image) {
-  scalar_t* start = image + first * stride_s;
-  if (stride_c < stride_s) {
-    for (int64_t j = 0; j < n; ++j) {
-      scalar_t* pixel = start + j * stride_s;
-      for (int64_t c = 0; c < classes; ++c) {
-        pixel[c * stride_c] = static_cast<scalar_t>(src[c * kTilePixels + j]);
-      }
-    }
-    return;
-  }
-  for (int64_t c = 0; c < classes; ++c) {
-    const acc_t* in = src + c * kTilePixels;
-    scalar_t* dst = start + c * stride_c;
-    if (stride_s == 1) {
-      MEDLOSS_SIMD
-      for (int64_t j = 0; j < n; ++j) {
-        dst[j] = static_cast<scalar_t>(in[j]);
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        dst[j * stride_s] = static_cast<scalar_t>(in[j]);
-      }
-    }
-  }
-}
-
-// Reads n labels (from row[first * stride]) as int32 labels, -1 where out of [0, C) or == ignore_index.
-using LoadLabels = void (*)(const void* row, int64_t stride, int64_t first, int64_t n, int64_t classes,
-                            int64_t ignore_index, int32_t* out);
-// Reads n masks as int64 (sign-extended).
-using LoadMasks = void (*)(const void* row, int64_t stride, int64_t first, int64_t n, int64_t* out);
 
 template <typename label_t>
 void load_ce_labels(const void* row, int64_t stride, int64_t first, int64_t n, int64_t classes, int64_t ignore_index,
@@ -524,96 +466,11 @@ void load_ce_masks(const void* row, int64_t stride, int64_t first, int64_t n, in
   }
 }
 
-struct Loaders {
-  LoadLabels labels;
-  LoadMasks masks;
-};
-
 Loaders pick_loaders(const at::Tensor& labels, const at::Tensor& masks) {
   Loaders loaders{};
   AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "dbce_ce_cpu", [&] { loaders.labels = &load_ce_labels<scalar_t>; });
   AT_DISPATCH_INTEGRAL_TYPES(masks.scalar_type(), "dbce_ce_cpu", [&] { loaders.masks = &load_ce_masks<scalar_t>; });
   return loaders;
-}
-
-// The inputs every task reads.
-template <typename scalar_t, typename acc_t>
-struct CeInputs {
-  int64_t classes, pixels, ignore_index;
-  const scalar_t* x;
-  int64_t x_b, x_c, x_s;
-  const void* labels;
-  int64_t labels_b, labels_s, label_size;
-  const void* masks;
-  int64_t masks_b, masks_s, mask_size;
-  const acc_t* weights;  // (B, C) contiguous, in acc_t
-  Loaders load;
-};
-
-// Loads the tile's labels, masks and logits, and computes w, the softmax max and sum (p = exp(x - max) kept in x
-// when keep_exp) and the logit at the label.
-template <typename scalar_t, typename acc_t>
-MEDLOSS_INLINE void load_tile(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t first, int64_t n, CeScratch<acc_t>& s,
-               bool keep_exp) {
-  const int64_t C = in.classes;
-  in.load.labels(static_cast<const char*>(in.labels) + b * in.labels_b * in.label_size, in.labels_s, first, n, C,
-                 in.ignore_index, s.label.data());
-  in.load.masks(static_cast<const char*>(in.masks) + b * in.masks_b * in.mask_size, in.masks_s, first, n,
-                s.mask.data());
-  gather(in.x + b * in.x_b, in.x_c, in.x_s, C, first, n, s.x.data());
-  const acc_t* cw = in.weights + b * C;
-  const int64_t* mask = s.mask.data();
-  const int32_t* label = s.label.data();
-  acc_t* w = s.w.data();
-  acc_t* max = s.max.data();
-  acc_t* sum = s.sum.data();
-  acc_t* picked = s.picked.data();
-  // w = max_c of (bit c ? cw_c : 0), the reference's amax of bits * weights; 0 where the label is not valid.
-  MEDLOSS_SIMD
-  for (int64_t j = 0; j < n; ++j) {
-    w[j] = (mask[j] & 1) ? cw[0] : acc_t(0);
-  }
-  for (int64_t c = 1; c < C; ++c) {
-    const acc_t weight = cw[c];
-    MEDLOSS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = ((mask[j] >> c) & 1) ? weight : acc_t(0);
-      w[j] = v > w[j] ? v : w[j];
-    }
-  }
-  const acc_t* x = s.x.data();
-  MEDLOSS_SIMD
-  for (int64_t j = 0; j < n; ++j) {
-    w[j] = label[j] >= 0 ? w[j] : acc_t(0);
-    max[j] = x[j];
-    picked[j] = label[j] == 0 ? x[j] : acc_t(0);
-  }
-  for (int64_t c = 1; c < C; ++c) {
-    const acc_t* xc = x + c * kTilePixels;
-    const int32_t cls = static_cast<int32_t>(c);
-    MEDLOSS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      max[j] = xc[j] > max[j] ? xc[j] : max[j];
-      picked[j] = label[j] == cls ? xc[j] : picked[j];
-    }
-  }
-  std::fill(sum, sum + n, acc_t(0));
-  for (int64_t c = 0; c < C; ++c) {
-    acc_t* xc = s.x.data() + c * kTilePixels;
-    if (keep_exp) {
-      MEDLOSS_SIMD
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t e = exp_acc</*kNonPositive=*/true>(xc[j] - max[j]);
-        sum[j] += e;
-        xc[j] = e;
-      }
-    } else {
-      MEDLOSS_SIMD
-      for (int64_t j = 0; j < n; ++j) {
-        sum[j] += exp_acc</*kNonPositive=*/true>(xc[j] - max[j]);
-      }
-    }
-  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -640,170 +497,26 @@ CeInputs<scalar_t, acc_t> make_inputs(const at::Tensor& logits, const at::Tensor
   return in;
 }
 
-// One forward task: pixels [begin, end) of image b; returns (sum w CE, sum w) through out[0..1] from per-lane sums.
-template <typename scalar_t, typename acc_t>
-MEDLOSS_INLINE void forward_task_body(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin, int64_t end,
-                                      CeScratch<acc_t>& s, acc_t* map_out, acc_t* out) {
-  const int64_t pixels = in.pixels;
-  acc_t* lane_ce = s.lanes.data();
-  acc_t* lane_w = s.lanes.data() + kTilePixels;
-  std::fill(s.lanes.begin(), s.lanes.end(), acc_t(0));
-  for (int64_t first = begin; first < end; first += kTilePixels) {
-    const int64_t n = std::min(kTilePixels, end - first);
-    load_tile(in, b, first, n, s, false);
-    const acc_t* w = s.w.data();
-    const acc_t* max = s.max.data();
-    const acc_t* picked = s.picked.data();
-    const int32_t* label = s.label.data();
-    acc_t* sum = s.sum.data();
-    acc_t* wce = s.wce.data();
-    MEDLOSS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      sum[j] = log_acc(sum[j]);
-    }
-    MEDLOSS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t ce = (max[j] + sum[j]) - picked[j];  // logsumexp - x[label]
-      wce[j] = label[j] >= 0 ? w[j] * ce : acc_t(0);
-      lane_ce[j] += wce[j];
-      lane_w[j] += w[j];
-    }
-    if (map_out != nullptr) {
-      std::copy(wce, wce + n, map_out + b * pixels + first);
-    }
-  }
-  acc_t total_ce = 0, total_w = 0;
-  for (int64_t j = 0; j < kTilePixels; ++j) {
-    total_ce += lane_ce[j];
-    total_w += lane_w[j];
-  }
-  out[0] = total_ce;
-  out[1] = total_w;
-}
-
-// One backward task: the gradient of pixels [begin, end) of image b.
-template <typename scalar_t, typename acc_t>
-MEDLOSS_INLINE void backward_task_body(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin, int64_t end,
-                                       CeScratch<acc_t>& s, acc_t up, const acc_t* grad_map, scalar_t* dx,
-                                       int64_t g_c, int64_t g_s) {
-  const int64_t C = in.classes;
-  const int64_t pixels = in.pixels;
-  for (int64_t first = begin; first < end; first += kTilePixels) {
-    const int64_t n = std::min(kTilePixels, end - first);
-    load_tile(in, b, first, n, s, true);
-    const acc_t* w = s.w.data();
-    const int32_t* label = s.label.data();
-    acc_t* g = s.wce.data();  // the per-pixel factor w (grad_sums[b, 0] + grad_map[b, i]) / sum
-    const acc_t* sum = s.sum.data();
-    acc_t* scale = s.picked.data();  // w (grad_sums[b, 0] + grad_map[b, i])
-    if (grad_map != nullptr) {
-      const acc_t* gm = grad_map + b * pixels + first;
-      MEDLOSS_SIMD
-      for (int64_t j = 0; j < n; ++j) {
-        scale[j] = w[j] * (up + gm[j]);
-      }
-    } else {
-      MEDLOSS_SIMD
-      for (int64_t j = 0; j < n; ++j) {
-        scale[j] = w[j] * up;
-      }
-    }
-    MEDLOSS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      g[j] = scale[j] / sum[j];
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      acc_t* xc = s.x.data() + c * kTilePixels;  // exp(x - max), becomes the gradient
-      const int32_t cls = static_cast<int32_t>(c);
-      MEDLOSS_SIMD
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t v = g[j] * xc[j] - (label[j] == cls ? scale[j] : acc_t(0));
-        xc[j] = w[j] != acc_t(0) ? v : acc_t(0);
-      }
-    }
-    scatter(s.x.data(), g_c, g_s, C, first, n, dx);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-using ForwardTask = void (*)(const CeInputs<scalar_t, acc_t>&, int64_t, int64_t, int64_t, CeScratch<acc_t>&, acc_t*,
-                             acc_t*);
-template <typename scalar_t, typename acc_t>
-using BackwardTask = void (*)(const CeInputs<scalar_t, acc_t>&, int64_t, int64_t, int64_t, CeScratch<acc_t>&, acc_t,
-                              const acc_t*, scalar_t*, int64_t, int64_t);
-
-// The entry points: the same body compiled for the baseline and, on x86-64 with GCC or Clang, for AVX2 and AVX-512.
-template <typename scalar_t, typename acc_t>
-void forward_task(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin, int64_t end, CeScratch<acc_t>& s,
-                  acc_t* map_out, acc_t* out) {
-  forward_task_body(in, b, begin, end, s, map_out, out);
-}
-
-template <typename scalar_t, typename acc_t>
-void backward_task(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin, int64_t end, CeScratch<acc_t>& s,
-                   acc_t up, const acc_t* grad_map, scalar_t* dx, int64_t g_c, int64_t g_s) {
-  backward_task_body(in, b, begin, end, s, up, grad_map, dx, g_c, g_s);
-}
-
-#if MEDLOSS_X86_DISPATCH
-template <typename scalar_t, typename acc_t>
-MEDLOSS_TARGET_AVX2 void forward_task_avx2(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin,
-                                           int64_t end, CeScratch<acc_t>& s, acc_t* map_out, acc_t* out) {
-  forward_task_body(in, b, begin, end, s, map_out, out);
-}
-
-template <typename scalar_t, typename acc_t>
-MEDLOSS_TARGET_AVX512 void forward_task_avx512(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin,
-                                               int64_t end, CeScratch<acc_t>& s, acc_t* map_out, acc_t* out) {
-  forward_task_body(in, b, begin, end, s, map_out, out);
-}
-
-template <typename scalar_t, typename acc_t>
-MEDLOSS_TARGET_AVX2 void backward_task_avx2(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin,
-                                            int64_t end, CeScratch<acc_t>& s, acc_t up, const acc_t* grad_map,
-                                            scalar_t* dx, int64_t g_c, int64_t g_s) {
-  backward_task_body(in, b, begin, end, s, up, grad_map, dx, g_c, g_s);
-}
-
-template <typename scalar_t, typename acc_t>
-MEDLOSS_TARGET_AVX512 void backward_task_avx512(const CeInputs<scalar_t, acc_t>& in, int64_t b, int64_t begin,
-                                                int64_t end, CeScratch<acc_t>& s, acc_t up, const acc_t* grad_map,
-                                                scalar_t* dx, int64_t g_c, int64_t g_s) {
-  backward_task_body(in, b, begin, end, s, up, grad_map, dx, g_c, g_s);
-}
-#endif
-
-// float64 always takes the baseline entry point (its math is libm's anyway).
-template <typename scalar_t, typename acc_t>
-ForwardTask<scalar_t, acc_t> pick_forward(Isa isa) {
-#if MEDLOSS_X86_DISPATCH
-  if constexpr (std::is_same_v<acc_t, float>) {
+// The entry points of the instruction set in use.
+template <typename acc_t>
+const CeKernels<acc_t>& ce_kernels(Isa isa) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    (void)isa;
+    return double_tasks();
+  } else {
+#if MEDLOSS_WITH_AVX512
     if (isa == Isa::kAvx512) {
-      return &forward_task_avx512<scalar_t, acc_t>;
+      return float_tasks_avx512();
     }
-    if (isa == Isa::kAvx2) {
-      return &forward_task_avx2<scalar_t, acc_t>;
-    }
-  }
 #endif
-  (void)isa;
-  return &forward_task<scalar_t, acc_t>;
-}
-
-template <typename scalar_t, typename acc_t>
-BackwardTask<scalar_t, acc_t> pick_backward(Isa isa) {
-#if MEDLOSS_X86_DISPATCH
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (isa == Isa::kAvx512) {
-      return &backward_task_avx512<scalar_t, acc_t>;
-    }
+#if MEDLOSS_WITH_AVX2
     if (isa == Isa::kAvx2) {
-      return &backward_task_avx2<scalar_t, acc_t>;
+      return float_tasks_avx2();
     }
-  }
 #endif
-  (void)isa;
-  return &backward_task<scalar_t, acc_t>;
+    (void)isa;
+    return float_tasks_baseline();
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -813,7 +526,8 @@ void ce_forward_impl(const CeInputs<scalar_t, acc_t>& in, int64_t batch, at::Ten
   const int64_t chunks = ceil_div(pixels, kChunkPixels);
   std::vector<acc_t> partial(batch * chunks * 2);
   acc_t* map_out = write_map ? map.mutable_data_ptr<acc_t>() : nullptr;
-  const ForwardTask<scalar_t, acc_t> run_task = pick_forward<scalar_t, acc_t>(cpu_isa());
+  const ForwardTask<scalar_t, acc_t> run_task =
+      std::get<ForwardTask<scalar_t, acc_t>>(ce_kernels<acc_t>(cpu_isa()).forward);
   at::parallel_for(0, batch * chunks, /*grain_size=*/1, [&](int64_t first_task, int64_t last_task) {
     CeScratch<acc_t> s(in.classes);
     for (int64_t task = first_task; task < last_task; ++task) {
@@ -844,7 +558,8 @@ void ce_backward_impl(const CeInputs<scalar_t, acc_t>& in, int64_t batch, const 
   const int64_t chunks = ceil_div(pixels, kChunkPixels);
   scalar_t* dx = grad.mutable_data_ptr<scalar_t>();
   const int64_t g_b = grad.stride(0), g_c = grad.stride(1), g_s = grad.stride(2);
-  const BackwardTask<scalar_t, acc_t> run_task = pick_backward<scalar_t, acc_t>(cpu_isa());
+  const BackwardTask<scalar_t, acc_t> run_task =
+      std::get<BackwardTask<scalar_t, acc_t>>(ce_kernels<acc_t>(cpu_isa()).backward);
   at::parallel_for(0, batch * chunks, /*grain_size=*/1, [&](int64_t first_task, int64_t last_task) {
     CeScratch<acc_t> s(C);
     for (int64_t task = first_task; task < last_task; ++task) {

@@ -4,9 +4,10 @@
 // buffer, and the rows are then summed. Integer counts make the result independent of the thread count and of
 // the order of the sum. at::parallel_for runs the tasks on ATen's OpenMP pool.
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,64 +1,18 @@
-// Shared by the CPU kernels (dice_sums_kernel.cpp, dbce_kernel.cpp): forced-inline helpers, the run-time choice of
-// instruction set (cpu_isa()) and the branch-free, vectorisable float32 exp and log. Everything is in an anonymous
-// namespace and inline, so each kernel file gets its own copy, compiled for the entry points that inline it.
+// Shared by the CPU kernels: the branch-free, vectorisable float32 exp and log, and the bit tricks (select) their
+// loops need. Everything is in an anonymous namespace and forced inline, so each file gets its own copy, compiled
+// for the entry points that inline it (see isa.h).
 #pragma once
 
-#include <ATen/Version.h>
+#include "isa.h"
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
-
-// The tile math is written once, as always-inline functions, and compiled into several entry points: one for the
-// baseline instruction set and, with GCC or Clang on x86-64, one per target attribute below. A function inlined into
-// an entry point is compiled for that entry point's instruction set, which is why everything the entry points call
-// in their loops is forced inline. The entry point is picked at run time (cpu_isa()).
-#if defined(__GNUC__)
-#define MEDLOSS_INLINE inline __attribute__((always_inline))
-#else
-#define MEDLOSS_INLINE inline
-#endif
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MEDLOSS_X86_DISPATCH 1
-#define MEDLOSS_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define MEDLOSS_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
-#else
-#define MEDLOSS_X86_DISPATCH 0
-#endif
 
 namespace torch_medloss {
 namespace {
-
-// The instruction set of the float32 tile functions.
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-// The one torch picked for its own CPU kernels (torch.backends.cpu.get_cpu_capability(): the best the CPU and the OS
-// support, or the ATEN_CPU_CAPABILITY environment variable, which can force "default" to test the baseline), checked
-// against the CPU once more.
-Isa cpu_isa() {
-#if MEDLOSS_X86_DISPATCH
-  static const Isa isa = [] {
-    const std::string capability = at::get_cpu_capability();
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (capability == "AVX512" && avx512) {
-      return Isa::kAvx512;
-    }
-    if ((capability == "AVX512" || capability == "AVX2") && avx2) {
-      return Isa::kAvx2;
-    }
-    return Isa::kBaseline;
-  }();
-  return isa;
-#else
-  return Isa::kBaseline;
-#endif
-}
 
 // ------------------------------------------------------------------------------------------ vectorisable math
 
