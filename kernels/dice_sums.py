@@ -64,7 +64,7 @@ _MAX_BLOCK_S = 2048
 _MAX_PROGRAMS_PER_IMAGE = 1024
 _MAX_PROGRAMS = 2048
 # Elements of the finalize program's (BLOCK_P, BLOCK_C) tiles of partial rows: 4 per thread per sum.
-_FINALIZE_TILE = 512
+_FINALIZE_TILE = 256
 # Private switch for the tests: force the int64 offset path on tensors small enough for int32.
 _FORCE_INT64 = False
 
@@ -83,10 +83,24 @@ _MEAN = tl.constexpr(K.REDUCTION_MEAN)
 _NONE = tl.constexpr(K.REDUCTION_NONE)
 _W_SQUARE = tl.constexpr(K.W_TYPE_SQUARE)
 _W_SIMPLE = tl.constexpr(K.W_TYPE_SIMPLE)
-_ROW_I = tl.constexpr(K.DICE_COEF_I)
-_ROW_P = tl.constexpr(K.DICE_COEF_P)
-_ROW_CE = tl.constexpr(K.DICE_COEF_CE)
-_ROW_D = tl.constexpr(K.DICE_COEF_D)
+_HEAD_NONE = tl.constexpr(K.HEAD_NONE)
+_P_GAMMA = tl.constexpr(K.DICE_PARAM_GAMMA)
+_P_WEIGHT = tl.constexpr(K.DICE_PARAM_WEIGHT)
+_P_CE_WEIGHT = tl.constexpr(K.DICE_PARAM_CE_WEIGHT)
+_P_FOCAL_ALPHA = tl.constexpr(K.DICE_PARAM_FOCAL_ALPHA)
+_P_FOCAL_WEIGHT = tl.constexpr(K.DICE_PARAM_FOCAL_WEIGHT)
+_ROW_I = tl.constexpr(K.DICE_SUM_I)
+_ROW_P = tl.constexpr(K.DICE_SUM_P)
+_ROW_D = tl.constexpr(K.DICE_SUM_D)
+_ROW_F = tl.constexpr(K.DICE_SUM_F)
+_SLOT_CE = tl.constexpr(K.DICE_SLOT_CE)
+_SLOT_POISON = tl.constexpr(K.DICE_SLOT_POISON)
+_FOCAL_SIGMOID = tl.constexpr(K.FOCAL_SIGMOID)
+_FOCAL_SOFTMAX = tl.constexpr(K.FOCAL_SOFTMAX)
+_ALPHA_SCALAR = tl.constexpr(K.ALPHA_SCALAR)
+_ALPHA_PER_CLASS = tl.constexpr(K.ALPHA_PER_CLASS)
+# float32's eps: MONAI clamps the focal term's valid-pixel count at it (torch.finfo(mask.dtype).eps).
+_EPS = tl.constexpr(1.1920928955078125e-07)
 
 
 # ------------------------------------------------------------------------------------------------ shared tile math
@@ -190,6 +204,77 @@ def _modulator(p_w, y_w, gamma, gamma_case, BLOCK_C: tl.constexpr, BLOCK_S: tl.c
     return diff, m
 
 
+
+@triton.jit
+def _log_sigmoid(z):
+    """log(sigmoid(z)) without overflow: min(z, 0) - log(1 + exp(-|z|))."""
+    return tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _pow(base, exponent):
+    """base^exponent for base >= 0 and a scalar exponent, with torch's pow(0, 0) = 1."""
+    return tl.where(exponent == 0.0, 1.0, tl.exp2(exponent * tl.log2(base)))
+
+
+@triton.jit
+def _focal(x, y, w, kept, classes, alpha, focal_weight, gamma, alpha_scalar, DROP: tl.constexpr,
+           FOCAL: tl.constexpr, ALPHA: tl.constexpr, GRAD: tl.constexpr):
+    """MONAI's focal loss per element of a tile, masked as MONAI masks it (the terms of (x w, y w), times w), times
+    the focal class weight; 0 outside the kept classes. With GRAD, returns (term, d term / d x) for the sigmoid form
+    and (term, d term / d log p, p) for the softmax form (its class sum is the caller's: it needs the upstream).
+
+    Sigmoid (reference.focal.sigmoid_focal_terms): t = A bce, A = sigmoid(-x s)^gamma with s = 2y - 1, bce = x - x y
+    - log sigmoid(x); d t / dx = A (-gamma s sigmoid(x s) bce + sigmoid(x) - y). Softmax (softmax_focal_terms, over
+    the kept classes only, as MONAI drops the background first): t_c = -(1 - p_c)^gamma log p_c y_c, and
+    d t_c / d log p_c = -y_c ((1 - p_c)^gamma - gamma p_c log p_c (1 - p_c)^(gamma - 1)). Terms with y = 0 are
+    selected away, not multiplied (a -inf logit has log p = -inf).
+    """
+    x_w = x * w[None, :]
+    y_w = y * w[None, :]
+    scale = focal_weight[:, None] * w[None, :]
+    if FOCAL == _FOCAL_SIGMOID:
+        if ALPHA == _ALPHA_SCALAR:
+            factor = y_w * alpha_scalar + (1.0 - y_w) * (1.0 - alpha_scalar)
+        elif ALPHA == _ALPHA_PER_CLASS:
+            factor = tl.where(y_w == 1.0, alpha[:, None], 1.0)
+        else:
+            factor = y_w * 0.0 + 1.0
+        bce = x_w - x_w * y_w - _log_sigmoid(x_w)
+        s = 2.0 * y_w - 1.0
+        a = tl.exp(gamma * _log_sigmoid(-x_w * s))
+        term = tl.where(kept[:, None], a * bce * factor * scale, 0.0)
+        if GRAD:
+            d_term = a * (-gamma * s * tl.exp(_log_sigmoid(x_w * s)) * bce + tl.sigmoid(x_w) - y_w)
+            # d/dx of t(x w) w: the chain rule's w and the mask's w
+            return term, tl.where(kept[:, None], d_term * factor * scale * w[None, :], 0.0), x_w
+        return term, term, x_w
+    else:
+        if ALPHA == _ALPHA_SCALAR:
+            factor = tl.where(classes == DROP, 1.0 - alpha_scalar, alpha_scalar)
+        elif ALPHA == _ALPHA_PER_CLASS:
+            factor = alpha
+        else:
+            factor = focal_weight * 0.0 + 1.0
+        shifted = tl.where(kept[:, None], x_w, float("-inf"))
+        shift = tl.max(shifted, axis=0)
+        e = tl.exp(shifted - shift[None, :])
+        e_sum = tl.sum(e, axis=0)
+        p = e * (1.0 / e_sum)[None, :]
+        log_p = (x_w - shift[None, :]) - tl.log(e_sum)[None, :]
+        rest = 1.0 - p
+        pw = _pow(rest, gamma)
+        hit = kept[:, None] & (y_w != 0.0)
+        term = tl.where(hit, -pw * log_p * y_w * factor[:, None] * scale, 0.0)
+        if GRAD:
+            # gamma p log p (1 - p)^(gamma - 1): torch's pow gradient, 0 for gamma = 0 and 1 * 0^0 for gamma = 1.
+            slope = tl.where(gamma == 1.0, 1.0, _pow(rest, gamma - 1.0))
+            inner = tl.where(gamma == 0.0, 0.0, gamma * p * log_p * slope)
+            d_log_p = tl.where(hit, -y_w * (pw - inner) * factor[:, None] * scale * w[None, :], 0.0)
+            return term, d_log_p, p
+        return term, term, p
+
+
 # ------------------------------------------------------------------------------------------- 1. forward partials
 
 
@@ -198,18 +283,23 @@ def _dice_partials_kernel(
     # Output pointers
     sums_partial_ptr,
     extras_partial_ptr,
+    map_ptr,
     # Input pointers
     logits_ptr,
     target_ptr,
-    gamma_ptr,
-    ce_weight_ptr,
+    params_ptr,
     # Sizes and scalar options
     num_classes,
     num_pixels,
     pixels_per_program,
     ignore_index,
     label_smoothing,
+    focal_gamma,
+    focal_alpha,
     # Strides
+    stride_params_row,
+    stride_map_b,
+    stride_map_c,
     stride_logits_b,
     stride_logits_c,
     stride_logits_s,
@@ -226,17 +316,22 @@ def _dice_partials_kernel(
     MASK_MODE: tl.constexpr,
     SQUARED: tl.constexpr,
     WITH_CE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    ALPHA: tl.constexpr,
+    DROP: tl.constexpr,
+    FOCAL_MAP: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     """Sum pixels [k * pixels_per_program, (k + 1) * pixels_per_program) of image b into partial row (b, k).
 
-    sums_partial_ptr: (B, programs, C, 4) fp32, contiguous in its last two dims; [I, P, G, D] of the slice.
-    extras_partial_ptr: (B, programs, 3) fp32, contiguous in its last dim; [ce_num, ce_den, invalid] of the slice.
-    logits_ptr: (B, C, S) fp32/bf16/fp16. target_ptr: labels (B, S) of any integer dtype (stride_target_c unused),
-    or dense (B, C, S) of any float dtype. gamma_ptr, ce_weight_ptr: (C,) rows of params, contiguous.
-    Grid: (B, programs); pixels_per_program is a multiple of BLOCK_S.
+    sums_partial_ptr: (B, programs, C, 5) fp32, contiguous in its last two dims; [I, P, G, D, F] of the slice.
+    extras_partial_ptr: (B, programs, 4) fp32, contiguous in its last dim; [ce_num, ce_den, invalid, valid].
+    map_ptr (FOCAL_MAP): the (B, C - DROP, S) fp32 map of the focal term (reduction "none" of FocalLoss), unit
+    pixel stride. logits_ptr: (B, C, S) fp32/bf16/fp16. target_ptr: labels (B, S) of any integer dtype
+    (stride_target_c unused), or dense (B, C, S) of any float dtype. params_ptr: (5, C) rows of
+    _contract.DICE_PARAM_*, unit class stride. Grid: (B, programs); pixels_per_program is a multiple of BLOCK_S.
     """
     image = tl.program_id(0).to(tl.int64)
     program = tl.program_id(1).to(tl.int64)
@@ -250,11 +345,16 @@ def _dice_partials_kernel(
         first_pixel = first_pixel.to(tl.int32)  # the launcher checked every in-image offset fits
     class_ok = classes < num_classes
 
-    gamma = tl.load(gamma_ptr + classes, mask=class_ok, other=0.0).to(tl.float32)
+    kept = class_ok & (classes >= DROP)
+    gamma = tl.load(params_ptr + _P_GAMMA * stride_params_row + classes, mask=class_ok, other=0.0).to(tl.float32)
     gamma_case = _gamma_case(gamma, class_ok)
-    ce_weight = tl.load(ce_weight_ptr + classes, mask=class_ok, other=0.0).to(tl.float32)
+    ce_weight = tl.load(params_ptr + _P_CE_WEIGHT * stride_params_row + classes, mask=class_ok,
+                        other=0.0).to(tl.float32)
     smooth_share = label_smoothing / num_classes
     ce_weight_sum = tl.sum(ce_weight, axis=0)
+    alpha = tl.load(params_ptr + _P_FOCAL_ALPHA * stride_params_row + classes, mask=kept, other=0.0).to(tl.float32)
+    focal_weight = tl.load(params_ptr + _P_FOCAL_WEIGHT * stride_params_row + classes, mask=kept,
+                           other=0.0).to(tl.float32)
 
     acc_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_p = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -263,6 +363,8 @@ def _dice_partials_kernel(
     acc_ce_num = tl.zeros([BLOCK_S], dtype=tl.float32)
     acc_ce_den = tl.zeros([BLOCK_S], dtype=tl.float32)
     acc_invalid = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc_f = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_valid = tl.zeros([BLOCK_S], dtype=tl.float32)
 
     # 1. walk the slice, BLOCK_S pixels at a time. A while loop, not `for offset in range(...)`: with numpy >= 2.4
     #    the Triton 3.6 interpreter cannot use a runtime argument as a range bound (triton-lang/triton#9171).
@@ -315,18 +417,30 @@ def _dice_partials_kernel(
                 acc_ce_den += counted
         if TARGET_IS_LABELS:
             acc_invalid += invalid
+
+        # 4. the valid pixels (which the focal term averages over), and the focal term on the raw logits.
+        acc_valid += w
+        if FOCAL != 0:
+            focal, _, _ = _focal(x, y, w, kept, classes, alpha, focal_weight, focal_gamma, focal_alpha, DROP, FOCAL,
+                                 ALPHA, False)
+            acc_f += tl.sum(focal, axis=1)
+            if FOCAL_MAP:
+                out = map_ptr + image * stride_map_b + (classes - DROP)[:, None] * stride_map_c + pixels[None, :]
+                tl.store(out, focal, mask=kept[:, None] & (pixels < num_pixels)[None, :])
         offset += BLOCK_S
 
-    # 4. write this program's partial row
-    sums_out = sums_partial_ptr + image * stride_sums_partial_b + program * stride_sums_partial_p + classes * 4
+    # 5. write this program's partial row
+    sums_out = sums_partial_ptr + image * stride_sums_partial_b + program * stride_sums_partial_p + classes * 5
     tl.store(sums_out + 0, acc_i, mask=class_ok)
     tl.store(sums_out + 1, acc_p, mask=class_ok)
     tl.store(sums_out + 2, acc_g, mask=class_ok)
     tl.store(sums_out + 3, acc_d, mask=class_ok)
+    tl.store(sums_out + 4, acc_f, mask=class_ok)
     extras_out = extras_partial_ptr + image * stride_extras_partial_b + program * stride_extras_partial_p
     tl.store(extras_out + 0, tl.sum(acc_ce_num, axis=0))
     tl.store(extras_out + 1, tl.sum(acc_ce_den, axis=0))
     tl.store(extras_out + 2, tl.sum(acc_invalid, axis=0))
+    tl.store(extras_out + 3, tl.sum(acc_valid, axis=0))
 
 
 # ------------------------------------------------------------------------------------------- 2. forward finalize
@@ -335,31 +449,35 @@ def _dice_partials_kernel(
 @triton.jit
 def _image_sums(sums_partial_ptr, image, programs, classes, class_ok, stride_b, stride_p,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(I, P, G, D) of one image, (BLOCK_C,) each: its partial rows added in a fixed order (tiles of BLOCK_P rows,
+    """(I, P, G, D, F) of one image, (BLOCK_C,) each: its partial rows added in a fixed order (tiles of BLOCK_P rows,
     then one reduction over the tile)."""
     acc_i = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc_p = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc_d = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc_f = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     first = 0
     while first < programs:
         rows = first + tl.arange(0, BLOCK_P)
         ok = (rows < programs)[:, None] & class_ok[None, :]
-        at = sums_partial_ptr + image * stride_b + rows[:, None] * stride_p + classes[None, :] * 4
+        at = sums_partial_ptr + image * stride_b + rows[:, None] * stride_p + classes[None, :] * 5
         acc_i += tl.load(at + 0, mask=ok, other=0.0)
         acc_p += tl.load(at + 1, mask=ok, other=0.0)
         acc_g += tl.load(at + 2, mask=ok, other=0.0)
         acc_d += tl.load(at + 3, mask=ok, other=0.0)
+        acc_f += tl.load(at + 4, mask=ok, other=0.0)
         first += BLOCK_P
-    return tl.sum(acc_i, axis=0), tl.sum(acc_p, axis=0), tl.sum(acc_g, axis=0), tl.sum(acc_d, axis=0)
+    return (tl.sum(acc_i, axis=0), tl.sum(acc_p, axis=0), tl.sum(acc_g, axis=0), tl.sum(acc_d, axis=0),
+            tl.sum(acc_f, axis=0))
 
 
 @triton.jit
 def _image_extras(extras_partial_ptr, image, programs, stride_b, stride_p, BLOCK_P: tl.constexpr):
-    """(ce_num, ce_den, invalid) of one image: its partial rows added in a fixed order."""
+    """(ce_num, ce_den, invalid, valid) of one image: its partial rows added in a fixed order."""
     acc_num = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc_den = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc_invalid = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_valid = tl.zeros([BLOCK_P], dtype=tl.float32)
     first = 0
     while first < programs:
         rows = first + tl.arange(0, BLOCK_P)
@@ -368,8 +486,9 @@ def _image_extras(extras_partial_ptr, image, programs, stride_b, stride_p, BLOCK
         acc_num += tl.load(at + 0, mask=ok, other=0.0)
         acc_den += tl.load(at + 1, mask=ok, other=0.0)
         acc_invalid += tl.load(at + 2, mask=ok, other=0.0)
+        acc_valid += tl.load(at + 3, mask=ok, other=0.0)
         first += BLOCK_P
-    return tl.sum(acc_num, axis=0), tl.sum(acc_den, axis=0), tl.sum(acc_invalid, axis=0)
+    return tl.sum(acc_num, axis=0), tl.sum(acc_den, axis=0), tl.sum(acc_invalid, axis=0), tl.sum(acc_valid, axis=0)
 
 
 @triton.jit
@@ -453,7 +572,7 @@ def _dice_finalize_kernel(
     # Input pointers
     sums_partial_ptr,
     extras_partial_ptr,
-    weight_ptr,
+    params_ptr,
     # Sizes and scalar options
     batch_size,
     num_classes,
@@ -464,11 +583,13 @@ def _dice_finalize_kernel(
     beta,
     lambda_dice,
     lambda_ce,
+    lambda_focal,
     # Strides
     stride_sums_partial_b,
     stride_sums_partial_p,
     stride_extras_partial_b,
     stride_extras_partial_p,
+    stride_params_row,
     stride_coef_b,
     stride_coef_k,
     # Constexpr flags and blocks
@@ -482,16 +603,19 @@ def _dice_finalize_kernel(
     W_TYPE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     WITH_CE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    FOCAL_MASK: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     """One program: the per-image sums from the partial rows, then (unless SUMS_ONLY) the loss and its coefficients.
 
-    SUMS_ONLY: loss_ptr receives sums (B, C, 4) and coef_ptr extras (B, 3), both contiguous (the dice_sums op).
-    Otherwise loss_ptr: the loss, contiguous, of _contract.dice_loss_shape; coef_ptr: (B or 1, 4, C) fp32 with
-    strides (stride_coef_b, stride_coef_k, 1), rows DICE_COEF_*: d loss / d sum per (image, class), already scaled
-    by the reduction's 1/count, the class weight and lambda_dice; row DICE_COEF_CE column 0 (first image) holds
-    d loss / d ce_num. weight_ptr: (C,) class weights by full class index (read with HAS_WEIGHT).
+    SUMS_ONLY: loss_ptr receives sums (B, C, 5) and coef_ptr extras (B, 4), both contiguous (the dice_sums op).
+    Otherwise loss_ptr: the loss, contiguous, of _contract.dice_loss_shape (the focal map of HEAD_NONE with "none"
+    is written by the partials kernel); coef_ptr: (B, 5, C + 1) fp32 with strides (stride_coef_b, stride_coef_k,
+    1): rows I, P, D, F hold d loss / d sum per (image, class), already scaled by the reduction's 1/count, the class
+    weight and the lambdas; column C of image 0 holds d loss / d ce_num (row DICE_SLOT_CE) and the poison, 0 or
+    NaN (row DICE_SLOT_POISON). params_ptr: (5, C) by full class index.
     """
     classes = tl.arange(0, BLOCK_C)
     class_ok = classes < num_classes
@@ -500,31 +624,36 @@ def _dice_finalize_kernel(
     if SUMS_ONLY:
         image = 0
         while image < batch_size:
-            i_sum, p_sum, g_sum, d_sum = _image_sums(sums_partial_ptr, image, programs, classes, class_ok,
-                                                     stride_sums_partial_b, stride_sums_partial_p, BLOCK_C, BLOCK_P)
-            out = loss_ptr + image * num_classes * 4 + classes * 4
+            i_sum, p_sum, g_sum, d_sum, f_sum = _image_sums(sums_partial_ptr, image, programs, classes, class_ok,
+                                                            stride_sums_partial_b, stride_sums_partial_p, BLOCK_C,
+                                                            BLOCK_P)
+            out = loss_ptr + image * num_classes * 5 + classes * 5
             tl.store(out + 0, i_sum, mask=class_ok)
             tl.store(out + 1, p_sum, mask=class_ok)
             tl.store(out + 2, g_sum, mask=class_ok)
             tl.store(out + 3, d_sum, mask=class_ok)
-            ce_num, ce_den, invalid = _image_extras(extras_partial_ptr, image, programs, stride_extras_partial_b,
-                                                    stride_extras_partial_p, BLOCK_P)
-            tl.store(coef_ptr + image * 3 + 0, ce_num)
-            tl.store(coef_ptr + image * 3 + 1, ce_den)
-            tl.store(coef_ptr + image * 3 + 2, invalid)
+            tl.store(out + 4, f_sum, mask=class_ok)
+            ce_num, ce_den, invalid, valid = _image_extras(extras_partial_ptr, image, programs,
+                                                           stride_extras_partial_b, stride_extras_partial_p, BLOCK_P)
+            tl.store(coef_ptr + image * 4 + 0, ce_num)
+            tl.store(coef_ptr + image * 4 + 1, ce_den)
+            tl.store(coef_ptr + image * 4 + 2, invalid)
+            tl.store(coef_ptr + image * 4 + 3, valid)
             image += 1
     else:
-        # 1. the batch's cross-entropy totals and bad labels: the coefficients below need them first.
+        # 1. the batch's totals: cross entropy, bad labels, valid pixels (the coefficients below need them first).
         ce_num = 0.0
         ce_den = 0.0
         invalid = 0.0
+        valid = 0.0
         image = 0
         while image < batch_size:
-            num, den, bad = _image_extras(extras_partial_ptr, image, programs, stride_extras_partial_b,
-                                          stride_extras_partial_p, BLOCK_P)
+            num, den, bad, good = _image_extras(extras_partial_ptr, image, programs, stride_extras_partial_b,
+                                                stride_extras_partial_p, BLOCK_P)
             ce_num += num
             ce_den += den
             invalid += bad
+            valid += good
             image += 1
         # A label outside [0, C) (unchecked CUDA labels) makes the loss NaN, as the reference's poison does; the
         # gradient stays that of the valid pixels, as the reference's (the poison is a constant).
@@ -543,56 +672,89 @@ def _dice_finalize_kernel(
         if REDUCTION == _MEAN:
             scale = lambda_dice / count
         if HAS_WEIGHT:
-            weight = tl.load(weight_ptr + classes, mask=kept, other=0.0).to(tl.float32)
+            weight = tl.load(params_ptr + _P_WEIGHT * stride_params_row + classes, mask=kept,
+                             other=0.0).to(tl.float32)
         else:
             weight = tl.where(kept, 1.0, 0.0)
+        # The focal part: "sum" averages each (image, class) over its valid pixels, "mean" divides by the valid
+        # pixels (with MONAI's ignore mask) or all elements (without).
+        focal_count = valid
+        if FOCAL_MASK:
+            focal_count = tl.maximum(valid, _EPS)
+        else:
+            focal_count = valid * kept_classes
 
-        # 2. the Dice part, per unit: the whole batch, or each image.
+        # 2. the Dice part, per unit (the whole batch, or each image), and the coefficients of every image.
         total = 0.0
-        unit = 0
-        while unit < units:
-            if BATCH:
-                i_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
-                p_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
-                g_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
-                d_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
-                image = 0
-                while image < batch_size:
-                    i_b, p_b, g_b, d_b = _image_sums(sums_partial_ptr, image, programs, classes, class_ok,
-                                                     stride_sums_partial_b, stride_sums_partial_p, BLOCK_C, BLOCK_P)
-                    i_sum += i_b
-                    p_sum += p_b
-                    g_sum += g_b
-                    d_sum += d_b
-                    image += 1
-            else:
-                i_sum, p_sum, g_sum, d_sum = _image_sums(sums_partial_ptr, unit, programs, classes, class_ok,
-                                                         stride_sums_partial_b, stride_sums_partial_p, BLOCK_C,
-                                                         BLOCK_P)
-            if HEAD == _HEAD_GENERALIZED:
-                f, df_i, df_p, df_d = _generalized_head(i_sum, p_sum, g_sum, d_sum, kept, smooth_nr, smooth_dr,
-                                                        W_TYPE, SOFT)
-                total += f
+        focal_total = 0.0
+        image = 0
+        while image < batch_size:
+            i_b, p_b, g_b, d_b, f_b = _image_sums(sums_partial_ptr, image, programs, classes, class_ok,
+                                                  stride_sums_partial_b, stride_sums_partial_p, BLOCK_C, BLOCK_P)
+            coef_row = coef_ptr + image * stride_coef_b + classes
+            # the focal term of this image (no class weight here: the kernel's F already carries it)
+            # (with "none", 1: the upstream map carries each element's gradient)
+            df_f = tl.where(kept, 1.0, 0.0)
+            if FOCAL != 0:
+                if REDUCTION == _MEAN:
+                    df_f = df_f * (lambda_focal / focal_count)
+                    focal_total += tl.sum(tl.where(kept, f_b, 0.0), axis=0) / focal_count
+                elif REDUCTION != _NONE:
+                    _, _, _, good = _image_extras(extras_partial_ptr, image, programs, stride_extras_partial_b,
+                                                  stride_extras_partial_p, BLOCK_P)
+                    if FOCAL_MASK:
+                        good = tl.maximum(good, _EPS)
+                    df_f = df_f * (lambda_focal / good)
+                    focal_total += tl.sum(tl.where(kept, f_b, 0.0), axis=0) / good
+            tl.store(coef_row + _ROW_F * stride_coef_k, df_f, mask=class_ok)
+            if HEAD != _HEAD_NONE and not BATCH:
+                values, df_i, df_p, df_d = _unit_head(i_b, p_b, g_b, d_b, kept, classes, weight, smooth_nr,
+                                                      smooth_dr, alpha, beta, HEAD, JACCARD, SOFT, W_TYPE, DROP)
+                total += tl.sum(values, axis=0)
                 if REDUCTION == _NONE:
-                    tl.store(loss_ptr + unit, f + poison)
+                    _store_none(loss_ptr, image, values, kept, classes, kept_classes, poison, HEAD, DROP)
+                tl.store(coef_row + _ROW_I * stride_coef_k, df_i * scale, mask=class_ok)
+                tl.store(coef_row + _ROW_P * stride_coef_k, df_p * scale, mask=class_ok)
+                tl.store(coef_row + _ROW_D * stride_coef_k, df_d * scale, mask=class_ok)
             else:
-                f, df_i, df_p, df_d = _class_head(i_sum, p_sum, g_sum, d_sum, kept, smooth_nr, smooth_dr, alpha,
-                                                  beta, HEAD, JACCARD, SOFT)
-                f = f * weight
-                df_i = df_i * weight
-                df_p = df_p * weight
-                df_d = df_d * weight
-                total += tl.sum(f, axis=0)
-                if REDUCTION == _NONE:
-                    tl.store(loss_ptr + unit * kept_classes + classes - DROP, f + poison, mask=kept)
-            coef_row = coef_ptr + unit * stride_coef_b + classes
-            tl.store(coef_row + _ROW_I * stride_coef_k, df_i * scale, mask=class_ok)
-            tl.store(coef_row + _ROW_P * stride_coef_k, df_p * scale, mask=class_ok)
-            tl.store(coef_row + _ROW_CE * stride_coef_k, df_p * 0.0, mask=class_ok)
-            tl.store(coef_row + _ROW_D * stride_coef_k, df_d * scale, mask=class_ok)
-            unit += 1
+                zero = tl.zeros([BLOCK_C], dtype=tl.float32)
+                tl.store(coef_row + _ROW_I * stride_coef_k, zero, mask=class_ok)
+                tl.store(coef_row + _ROW_P * stride_coef_k, zero, mask=class_ok)
+                tl.store(coef_row + _ROW_D * stride_coef_k, zero, mask=class_ok)
+            tl.store(coef_row + 2 * stride_coef_k, tl.zeros([BLOCK_C], dtype=tl.float32), mask=class_ok)
+            image += 1
+        if HEAD != _HEAD_NONE and BATCH:
+            # batch Dice: the sums over the images, one head, the same coefficients for every image.
+            i_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+            p_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+            g_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+            d_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+            image = 0
+            while image < batch_size:
+                i_b, p_b, g_b, d_b, f_b = _image_sums(sums_partial_ptr, image, programs, classes, class_ok,
+                                                      stride_sums_partial_b, stride_sums_partial_p, BLOCK_C, BLOCK_P)
+                i_sum += i_b
+                p_sum += p_b
+                g_sum += g_b
+                d_sum += d_b
+                image += 1
+            values, df_i, df_p, df_d = _unit_head(i_sum, p_sum, g_sum, d_sum, kept, classes, weight, smooth_nr,
+                                                  smooth_dr, alpha, beta, HEAD, JACCARD, SOFT, W_TYPE, DROP)
+            total += tl.sum(values, axis=0)
+            if REDUCTION == _NONE:
+                _store_none(loss_ptr, 0, values, kept, classes, kept_classes, poison, HEAD, DROP)
+            image = 0
+            while image < batch_size:
+                coef_row = coef_ptr + image * stride_coef_b + classes
+                tl.store(coef_row + _ROW_I * stride_coef_k, df_i * scale, mask=class_ok)
+                tl.store(coef_row + _ROW_P * stride_coef_k, df_p * scale, mask=class_ok)
+                tl.store(coef_row + _ROW_D * stride_coef_k, df_d * scale, mask=class_ok)
+                image += 1
 
-        # 3. the loss value (mean or sum) and the cross entropy's coefficient.
+        # 3. the loss value (mean or sum), the cross entropy's coefficient and the poison (column C of image 0).
+        has_image = batch_size > 0
+        slot = coef_ptr + num_classes
+        ce_coefficient = 0.0
         if REDUCTION != _NONE:
             loss = total * scale
             if WITH_CE:
@@ -602,8 +764,36 @@ def _dice_finalize_kernel(
                 else:
                     loss += lambda_ce * ce_num
                     ce_coefficient = lambda_ce
-                tl.store(coef_ptr + _ROW_CE * stride_coef_k, ce_coefficient)
+            if FOCAL != 0:
+                loss += lambda_focal * focal_total
             tl.store(loss_ptr, loss + poison)
+        tl.store(slot + _SLOT_CE * stride_coef_k, ce_coefficient, mask=has_image)
+        tl.store(slot + _SLOT_POISON * stride_coef_k, poison, mask=has_image)
+
+
+@triton.jit
+def _unit_head(i_sum, p_sum, g_sum, d_sum, kept, classes, weight, smooth_nr, smooth_dr, alpha, beta,
+               HEAD: tl.constexpr, JACCARD: tl.constexpr, SOFT: tl.constexpr, W_TYPE: tl.constexpr,
+               DROP: tl.constexpr):
+    """One unit's loss values and d f / d (I, P, D) per class, the class weights applied. The values are a
+    (BLOCK_C,) vector: one per kept class (Dice, Tversky), or generalized Dice's one value at the first kept class."""
+    if HEAD == _HEAD_GENERALIZED:
+        f, df_i, df_p, df_d = _generalized_head(i_sum, p_sum, g_sum, d_sum, kept, smooth_nr, smooth_dr, W_TYPE,
+                                                SOFT)
+        return tl.where(classes == DROP, f, 0.0), df_i, df_p, df_d
+    f, df_i, df_p, df_d = _class_head(i_sum, p_sum, g_sum, d_sum, kept, smooth_nr, smooth_dr, alpha, beta, HEAD,
+                                      JACCARD, SOFT)
+    return f * weight, df_i * weight, df_p * weight, df_d * weight
+
+
+@triton.jit
+def _store_none(loss_ptr, unit, values, kept, classes, kept_classes, poison, HEAD: tl.constexpr,
+                DROP: tl.constexpr):
+    """Reduction "none": the unit's row of the loss, (C',) for Dice and Tversky, one value for generalized Dice."""
+    if HEAD == _HEAD_GENERALIZED:
+        tl.store(loss_ptr + unit, tl.sum(values, axis=0) + poison)
+    else:
+        tl.store(loss_ptr + unit * kept_classes + classes - DROP, values + poison, mask=kept)
 
 
 # ------------------------------------------------------------------------------------------------------ 3. backward
@@ -616,16 +806,19 @@ def _dice_bwd_kernel(
     # Input pointers
     coef_ptr,
     grad_loss_ptr,
+    grad_extras_ptr,
     logits_ptr,
     target_ptr,
-    gamma_ptr,
-    ce_weight_ptr,
+    params_ptr,
     # Sizes and scalar options
     num_classes,
     num_pixels,
     pixels_per_program,
     ignore_index,
     label_smoothing,
+    focal_gamma,
+    focal_alpha,
+    num_kept_slot,
     # Strides
     stride_grad_logits_b,
     stride_grad_logits_c,
@@ -635,6 +828,9 @@ def _dice_bwd_kernel(
     stride_coef_k,
     stride_grad_loss_b,
     stride_grad_loss_c,
+    stride_grad_loss_s,
+    stride_grad_extras_b,
+    stride_params_row,
     stride_logits_b,
     stride_logits_c,
     stride_logits_s,
@@ -649,6 +845,9 @@ def _dice_bwd_kernel(
     MASK_MODE: tl.constexpr,
     SQUARED: tl.constexpr,
     WITH_CE: tl.constexpr,
+    FOCAL: tl.constexpr,
+    ALPHA: tl.constexpr,
+    FOCAL_MAP: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -656,13 +855,13 @@ def _dice_bwd_kernel(
     """Gradient of pixels [k * pixels_per_program, (k + 1) * pixels_per_program) of image b.
 
     grad_logits_ptr: (B, C, S) in the logits' dtype, any strides. The other inputs as in the forward, and:
-      - SCALED (the dice_loss op): coef_ptr the finalize kernel's coefficients (strides b, c, k; stride_coef_b = 0
-        with batch) and grad_loss_ptr the loss's upstream gradient, read at image * stride_grad_loss_b +
-        (class - DROP) * stride_grad_loss_c (zero strides for a scalar loss); the cross entropy's is at row
-        DICE_COEF_CE of image 0 times the scalar grad_loss.
-      - not SCALED (the dice_sums op): coef_ptr is grad_sums (B, C, 4) (strides b, c, k) and grad_loss_ptr
-        grad_extras (B, 3) (stride_grad_loss_b; column 0 is ce_num's).
-    The rows of both layouts have the same indices (DICE_COEF_I = DICE_SUM_I, ...). Grid: (B, programs).
+      - SCALED (the dice_loss op): coef_ptr the finalize kernel's coefficients (strides b, c, k) and grad_loss_ptr
+        the loss's upstream gradient, read at image * stride_grad_loss_b + (class - DROP) * stride_grad_loss_c
+        (zero strides for a scalar loss; FOCAL_MAP: the (B, C', S) map's, + pixel * stride_grad_loss_s); the cross
+        entropy's coefficient is in column num_kept_slot (= C) of image 0, row DICE_SLOT_CE.
+      - not SCALED (the dice_sums op): coef_ptr is grad_sums (B, C, 5) (strides b, c, k) and grad_extras_ptr
+        grad_extras (B, 4) (stride_grad_extras_b; column 0 is ce_num's).
+    The rows of both layouts have the same indices (I, P, G, D, F). Grid: (B, programs).
     """
     image = tl.program_id(0).to(tl.int64)
     program = tl.program_id(1).to(tl.int64)
@@ -676,33 +875,42 @@ def _dice_bwd_kernel(
     else:
         first_pixel = first_pixel.to(tl.int32)
     class_ok = classes < num_classes
+    kept = class_ok & (classes >= DROP)
 
-    gamma = tl.load(gamma_ptr + classes, mask=class_ok, other=0.0).to(tl.float32)
+    gamma = tl.load(params_ptr + _P_GAMMA * stride_params_row + classes, mask=class_ok, other=0.0).to(tl.float32)
     gamma_case = _gamma_case(gamma, class_ok)
 
-    # 0. d loss / d (I, P, D) of this image's classes, and d loss / d ce_num.
+    # 0. d loss / d (I, P, D, F) of this image's classes, and d loss / d ce_num.
     coef_row = coef_ptr + image * stride_coef_b + classes * stride_coef_c
     grad_i = tl.load(coef_row + _ROW_I * stride_coef_k, mask=class_ok, other=0.0).to(tl.float32)
     grad_p = tl.load(coef_row + _ROW_P * stride_coef_k, mask=class_ok, other=0.0).to(tl.float32)
     grad_d = tl.load(coef_row + _ROW_D * stride_coef_k, mask=class_ok, other=0.0).to(tl.float32)
+    grad_f = tl.load(coef_row + _ROW_F * stride_coef_k, mask=kept, other=0.0).to(tl.float32)
     if SCALED:
-        kept = class_ok & (classes >= DROP)
         upstream = tl.load(grad_loss_ptr + image * stride_grad_loss_b + (classes - DROP) * stride_grad_loss_c,
                            mask=kept, other=0.0).to(tl.float32)
         grad_i = grad_i * upstream
         grad_p = grad_p * upstream
         grad_d = grad_d * upstream
+        if not FOCAL_MAP:
+            grad_f = grad_f * upstream
     if SQUARED:
         grad_p = 2.0 * grad_p  # d(p'^2)/dp' = 2 p'
     if WITH_CE:
         if SCALED:
-            grad_ce = (tl.load(coef_ptr + _ROW_CE * stride_coef_k).to(tl.float32)
+            grad_ce = (tl.load(coef_ptr + num_kept_slot + _SLOT_CE * stride_coef_k).to(tl.float32)
                        * tl.load(grad_loss_ptr).to(tl.float32))
         else:
-            grad_ce = tl.load(grad_loss_ptr + image * stride_grad_loss_b).to(tl.float32)
-        ce_weight = tl.load(ce_weight_ptr + classes, mask=class_ok, other=0.0).to(tl.float32)
+            grad_ce = tl.load(grad_extras_ptr + image * stride_grad_extras_b).to(tl.float32)
+        ce_weight = tl.load(params_ptr + _P_CE_WEIGHT * stride_params_row + classes, mask=class_ok,
+                            other=0.0).to(tl.float32)
         ce_weight_sum = tl.sum(ce_weight, axis=0)
         smooth_share = label_smoothing / num_classes
+    if FOCAL != 0:
+        alpha = tl.load(params_ptr + _P_FOCAL_ALPHA * stride_params_row + classes, mask=kept,
+                        other=0.0).to(tl.float32)
+        focal_weight = tl.load(params_ptr + _P_FOCAL_WEIGHT * stride_params_row + classes, mask=kept,
+                               other=0.0).to(tl.float32)
 
     offset = 0
     while offset < pixels_per_program:
@@ -743,6 +951,23 @@ def _dice_bwd_kernel(
             else:
                 weighted = ce_weight[:, None] * ((1.0 - label_smoothing) * y + smooth_share)
                 dx += grad_ce * (q * tl.sum(weighted, axis=0)[None, :] - weighted)
+
+        # 4. the focal term on the raw logits.
+        if FOCAL != 0:
+            if FOCAL_MAP:
+                upstream_f = grad_f[:, None] * tl.load(
+                    grad_loss_ptr + image * stride_grad_loss_b + (classes - DROP)[:, None] * stride_grad_loss_c
+                    + pixels[None, :] * stride_grad_loss_s, mask=kept[:, None] & (pixels < num_pixels)[None, :],
+                    other=0.0).to(tl.float32)
+            else:
+                upstream_f = grad_f[:, None]
+            _, d_focal, p_focal = _focal(x, y, w, kept, classes, alpha, focal_weight, focal_gamma, focal_alpha, DROP,
+                                         FOCAL, ALPHA, True)
+            if FOCAL == _FOCAL_SOFTMAX:
+                scaled = upstream_f * d_focal  # d loss / d log p per class, then log_softmax's backward
+                dx += tl.where(kept[:, None], scaled - p_focal * tl.sum(scaled, axis=0)[None, :], 0.0)
+            else:
+                dx += upstream_f * d_focal
 
         out = grad_row + classes[:, None] * stride_grad_logits_c + pixels[None, :] * stride_grad_logits_s
         tl.store(out, dx.to(grad_logits_ptr.dtype.element_ty), mask=tile_ok)
@@ -852,16 +1077,26 @@ def _kernel_flags(codes: list[int]) -> dict:
         "MASK_MODE": codes[K.DICE_CODE_MASK_MODE],
         "SQUARED": bool(codes[K.DICE_CODE_SQUARED]),
         "WITH_CE": bool(codes[K.DICE_CODE_WITH_CE]),
+        "FOCAL": codes[K.DICE_CODE_FOCAL],
+        "ALPHA": codes[K.DICE_CODE_FOCAL_ALPHA],
+        "DROP": codes[K.DICE_CODE_DROP_BACKGROUND],
     }
+
+
+def _focal_map(codes: list[int]) -> bool:
+    """FocalLoss's reduction "none": the loss is the focal term's (B, C', S) map, written by the partials kernel."""
+    return codes[K.DICE_CODE_HEAD] == K.HEAD_NONE and codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE
 
 
 def _forward(logits, target, params, codes, scalars, loss, coef, sums_only: bool) -> None:
     """Launch the partials and the finalize kernels into ``loss`` and ``coef`` (see _dice_finalize_kernel)."""
     batch, num_classes, num_pixels = logits.shape
     block_c, block_s, programs, pixels_per_program, target_stride_c, int64_offsets = _layout(logits, target, codes)
-    sums_partial = logits.new_empty((batch, programs, num_classes, 4), dtype=torch.float32)
-    extras_partial = logits.new_empty((batch, programs, 3), dtype=torch.float32)
+    sums_partial = logits.new_empty((batch, programs, num_classes, K.DICE_NUM_SUMS), dtype=torch.float32)
+    extras_partial = logits.new_empty((batch, programs, K.DICE_NUM_EXTRAS), dtype=torch.float32)
     block_p = max(1, _FINALIZE_TILE // block_c)
+    focal_map = not sums_only and _focal_map(codes)
+    map_arg = loss if focal_map else sums_partial  # never written without FOCAL_MAP
     with on_device(sums_partial):
         # An empty batch launches no partials; the finalize still gives its loss (NaN for a mean over nothing, as
         # the reference's mean of an empty tensor; 0 for a sum, and batch Dice of zero sums).
@@ -869,15 +1104,20 @@ def _forward(logits, target, params, codes, scalars, loss, coef, sums_only: bool
             wrap_triton(_dice_partials_kernel)[(batch, programs)](
                 sums_partial,
                 extras_partial,
+                map_arg,
                 logits,
                 target,
-                params[K.DICE_PARAM_GAMMA],
-                params[K.DICE_PARAM_CE_WEIGHT],
+                params,
                 num_classes,
                 num_pixels,
                 pixels_per_program,
                 codes[K.DICE_CODE_IGNORE_INDEX],
                 scalars[K.DICE_SCALAR_LABEL_SMOOTHING],
+                scalars[K.DICE_SCALAR_FOCAL_GAMMA],
+                scalars[K.DICE_SCALAR_FOCAL_ALPHA],
+                params.stride(0),
+                map_arg.stride(0) if focal_map else 0,
+                map_arg.stride(1) if focal_map else 0,
                 logits.stride(0),
                 logits.stride(1),
                 logits.stride(2),
@@ -888,6 +1128,7 @@ def _forward(logits, target, params, codes, scalars, loss, coef, sums_only: bool
                 sums_partial.stride(1),
                 extras_partial.stride(0),
                 extras_partial.stride(1),
+                FOCAL_MAP=focal_map,
                 INT64_OFFSETS=int64_offsets,
                 BLOCK_C=block_c,
                 BLOCK_S=block_s,
@@ -899,7 +1140,7 @@ def _forward(logits, target, params, codes, scalars, loss, coef, sums_only: bool
             coef,
             sums_partial,
             extras_partial,
-            params[K.DICE_PARAM_WEIGHT],
+            params,
             batch,
             num_classes,
             programs,
@@ -909,10 +1150,12 @@ def _forward(logits, target, params, codes, scalars, loss, coef, sums_only: bool
             scalars[K.DICE_SCALAR_BETA],
             scalars[K.DICE_SCALAR_LAMBDA_DICE],
             scalars[K.DICE_SCALAR_LAMBDA_CE],
+            scalars[K.DICE_SCALAR_LAMBDA_FOCAL],
             sums_partial.stride(0),
             sums_partial.stride(1),
             extras_partial.stride(0),
             extras_partial.stride(1),
+            params.stride(0),
             0 if sums_only else coef.stride(0),
             0 if sums_only else coef.stride(1),
             SUMS_ONLY=sums_only,
@@ -925,14 +1168,16 @@ def _forward(logits, target, params, codes, scalars, loss, coef, sums_only: bool
             W_TYPE=codes[K.DICE_CODE_W_TYPE],
             HAS_WEIGHT=bool(codes[K.DICE_CODE_HAS_WEIGHT]),
             WITH_CE=bool(codes[K.DICE_CODE_WITH_CE]),
+            FOCAL=codes[K.DICE_CODE_FOCAL],
+            FOCAL_MASK=bool(codes[K.DICE_CODE_FOCAL_MASK]),
             BLOCK_C=block_c,
             BLOCK_P=block_p,
             num_warps=4,
         )
 
 
-def _backward(grad_logits, coef, grad_loss, logits, target, params, codes, scalars, coef_strides, loss_strides,
-              scaled: bool) -> None:
+def _backward(grad_logits, coef, grad_loss, grad_extras, logits, target, params, codes, scalars, coef_strides,
+              loss_strides, scaled: bool) -> None:
     batch, num_classes, num_pixels = logits.shape
     block_c, block_s, programs, pixels_per_program, target_stride_c, int64_offsets = _layout(
         logits, target, codes, grad_logits)
@@ -941,20 +1186,25 @@ def _backward(grad_logits, coef, grad_loss, logits, target, params, codes, scala
             grad_logits,
             coef,
             grad_loss,
+            grad_extras,
             logits,
             target,
-            params[K.DICE_PARAM_GAMMA],
-            params[K.DICE_PARAM_CE_WEIGHT],
+            params,
             num_classes,
             num_pixels,
             pixels_per_program,
             codes[K.DICE_CODE_IGNORE_INDEX],
             scalars[K.DICE_SCALAR_LABEL_SMOOTHING],
+            scalars[K.DICE_SCALAR_FOCAL_GAMMA],
+            scalars[K.DICE_SCALAR_FOCAL_ALPHA],
+            num_classes,
             grad_logits.stride(0),
             grad_logits.stride(1),
             grad_logits.stride(2),
             *coef_strides,
             *loss_strides,
+            grad_extras.stride(0),
+            params.stride(0),
             logits.stride(0),
             logits.stride(1),
             logits.stride(2),
@@ -962,7 +1212,7 @@ def _backward(grad_logits, coef, grad_loss, logits, target, params, codes, scala
             target_stride_c,
             target.stride(-1),
             SCALED=scaled,
-            DROP=codes[K.DICE_CODE_DROP_BACKGROUND],
+            FOCAL_MAP=scaled and _focal_map(codes),
             INT64_OFFSETS=int64_offsets,
             BLOCK_C=block_c,
             BLOCK_S=block_s,
@@ -977,7 +1227,7 @@ def _backward(grad_logits, coef, grad_loss, logits, target, params, codes, scala
 @triton_op("torch_medloss::dice_sums_fwd_triton", mutates_args=())
 def dice_sums_fwd_triton(logits: torch.Tensor, target: torch.Tensor, params: torch.Tensor, codes: list[int],
                          scalars: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums (B, C, 4), extras (B, 3)) in float32, as reference.dice_sums.dice_sums_fwd: two launches."""
+    """(sums (B, C, 5), extras (B, 4)) in float32, as reference.dice_sums.dice_sums_fwd: two launches."""
     _check("torch_medloss::dice_sums_fwd_triton", logits, target, params, codes, scalars,
            {"target": target, "params": params})
     batch, num_classes, _ = logits.shape
@@ -1008,9 +1258,8 @@ def dice_sums_bwd_triton(grad_sums: torch.Tensor, grad_extras: torch.Tensor, log
     grad_logits = torch.empty_like(logits)
     if logits.numel() == 0:
         return grad_logits
-    _backward(grad_logits, grad_sums, grad_extras, logits, target, params, codes, scalars,
-              (grad_sums.stride(0), grad_sums.stride(1), grad_sums.stride(2)), (grad_extras.stride(0), 0),
-              scaled=False)
+    _backward(grad_logits, grad_sums, grad_sums, grad_extras, logits, target, params, codes, scalars,
+              (grad_sums.stride(0), grad_sums.stride(1), grad_sums.stride(2)), (0, 0, 0), scaled=False)
     return grad_logits
 
 
@@ -1018,13 +1267,12 @@ def dice_sums_bwd_triton(grad_sums: torch.Tensor, grad_extras: torch.Tensor, log
 def dice_loss_fwd_triton(logits: torch.Tensor, target: torch.Tensor, params: torch.Tensor, codes: list[int],
                          scalars: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, coefficients): the loss of the codes' head (shape _contract.dice_loss_shape, float32) and the
-    coefficients (B or 1, 4, C) its backward reads. Two launches."""
+    coefficients (B, 5, C + 1) its backward reads. Two launches."""
     _check("torch_medloss::dice_loss_fwd_triton", logits, target, params, codes, scalars,
            {"target": target, "params": params})
-    batch, num_classes, _ = logits.shape
-    loss = logits.new_empty(K.dice_loss_shape(batch, num_classes, codes), dtype=torch.float32)
-    coef = logits.new_empty((K.dice_coefficient_rows(batch, codes), K.DICE_NUM_COEFFICIENTS, num_classes),
-                            dtype=torch.float32)
+    batch, num_classes, num_pixels = logits.shape
+    loss = logits.new_empty(K.dice_loss_shape(batch, num_classes, codes, num_pixels), dtype=torch.float32)
+    coef = logits.new_empty((batch, K.DICE_NUM_SUMS, num_classes + 1), dtype=torch.float32)
     # An empty image or batch still has a loss (of zero sums, or NaN for the mean over no image), so the kernels run.
     _forward(logits, target, params, codes, scalars, loss, coef, sums_only=False)
     return loss, coef
@@ -1038,20 +1286,20 @@ def dice_loss_bwd_triton(grad_loss: torch.Tensor, coefficients: torch.Tensor, lo
     op = "torch_medloss::dice_loss_bwd_triton"
     _check(op, logits, target, params, codes, scalars,
            {"target": target, "params": params, "grad_loss": grad_loss, "coefficients": coefficients})
-    batch, num_classes, _ = logits.shape
-    shape = K.dice_loss_shape(batch, num_classes, codes)
+    batch, num_classes, num_pixels = logits.shape
+    shape = K.dice_loss_shape(batch, num_classes, codes, num_pixels)
     if tuple(grad_loss.shape) != shape:
         raise ValueError(f"{op}: grad_loss must have the loss's shape {shape}, got {tuple(grad_loss.shape)}.")
     grad_logits = torch.empty_like(logits)
     if logits.numel() == 0:
         return grad_logits
-    # The upstream gradient's (image, class) strides: stride 0 along what the loss does not have (the images with
-    # batch, the classes of generalized Dice, both for a scalar loss).
-    image_stride = grad_loss.stride(0) if len(shape) == 2 else 0
+    # The upstream gradient's (image, class, pixel) strides: stride 0 along what the loss does not have (the images
+    # with batch, the classes of generalized Dice, all of them for a scalar loss).
+    image_stride = grad_loss.stride(0) if len(shape) >= 2 else 0
     per_class = len(shape) > 0 and codes[K.DICE_CODE_HEAD] != K.HEAD_GENERALIZED
-    loss_strides = (image_stride, grad_loss.stride(-1) if per_class else 0)
-    coef_strides = (0 if codes[K.DICE_CODE_BATCH] else coefficients.stride(0), coefficients.stride(2),
-                    coefficients.stride(1))
-    _backward(grad_logits, coefficients, grad_loss, logits, target, params, codes, scalars, coef_strides,
-              loss_strides, scaled=True)
+    class_stride = (grad_loss.stride(1) if len(shape) == 3 else grad_loss.stride(-1)) if per_class else 0
+    loss_strides = (image_stride, class_stride, grad_loss.stride(2) if len(shape) == 3 else 0)
+    coef_strides = (coefficients.stride(0), coefficients.stride(2), coefficients.stride(1))
+    _backward(grad_logits, coefficients, grad_loss, coefficients, logits, target, params, codes, scalars,
+              coef_strides, loss_strides, scaled=True)
     return grad_logits

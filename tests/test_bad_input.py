@@ -30,12 +30,22 @@ LABELS = torch.arange(32).remainder(3).view(2, 1, 4, 4)  # every class present, 
         (lambda: torch_medloss.DiceCELoss(reduction="none"), ValueError,
          r"reduction must be one of \('mean', 'sum'\)"),
         (lambda: torch_medloss.DiceCELoss(lambda_ce=-1.0), ValueError, "lambda_ce must be a finite number >= 0"),
-        (lambda: torch_medloss.DiceCELoss(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+        (lambda: torch_medloss.DiceCELoss(label_smoothing=1.5), ValueError, r"label_smoothing must be a finite number >= 0 and <= 1"),
         (lambda: torch_medloss.FocalLoss(gamma=-2.0), ValueError, "gamma must be a finite number >= 0"),
-        (lambda: torch_medloss.FocalLoss(alpha=1.5), ValueError, "alpha must be in"),
+        (lambda: torch_medloss.FocalLoss(alpha=1.5), ValueError, "alpha must be finite and >= 0 and <= 1"),
         (lambda: torch_medloss.DBCELoss(radius=-1.0), ValueError, "radius must be a finite number >= 0"),
-        (lambda: torch_medloss.DBCELoss(spacing=(1.0, -1.0)), ValueError, "spacing must be a finite number >= 0"),
-        (lambda: torch_medloss.DBCELoss(spacing=(1.0, 0.0)), ValueError, "spacing must hold voxel sizes > 0"),
+        (lambda: torch_medloss.DBCELoss(spacing=(1.0, -1.0)), ValueError, "spacing must be a finite number > 0"),
+        (lambda: torch_medloss.DBCELoss(spacing=(1.0, 0.0)), ValueError, "spacing must be a finite number > 0"),
+        # no NaN, infinite or negative smoothing, Tversky weights or lambdas (issue 13 item 10)
+        (lambda: torch_medloss.DiceLoss(smooth_nr=float("nan")), ValueError, "smooth_nr must be a finite number >= 0"),
+        (lambda: torch_medloss.DiceLoss(smooth_dr=-1e-5), ValueError, "smooth_dr must be a finite number >= 0"),
+        (lambda: torch_medloss.DiceLoss(smooth_dr=float("inf")), ValueError, "smooth_dr must be a finite number"),
+        (lambda: torch_medloss.TverskyLoss(alpha=float("nan")), ValueError, "alpha must be a finite number >= 0"),
+        (lambda: torch_medloss.TverskyLoss(beta=-0.5), ValueError, "beta must be a finite number >= 0"),
+        (lambda: torch_medloss.DiceFocalLoss(lambda_focal=-1.0), ValueError, "lambda_focal must be a finite number"),
+        # MONAI raises ValueError for reduction=None (issue 13 item 16)
+        (lambda: torch_medloss.DiceLoss(reduction=None), ValueError, "reduction must be one of"),
+        (lambda: torch_medloss.FocalLoss(reduction=None), ValueError, "reduction must be one of"),
         (lambda: torch_medloss.DBCELoss(spacing="1,1"), TypeError, "spacing must be None or a sequence"),
         (lambda: torch_medloss.DBCELoss(element="diamond"), ValueError, "element must be 'ball' or 'cube'"),
         (lambda: torch_medloss.DBCELoss(ignore_index=None), TypeError, "ignore_index must be an int"),
@@ -66,7 +76,9 @@ def test_bad_options(make, error, match):
         (lambda: F.dice_loss(LABELS.repeat(1, 3, 1, 1), LABELS, to_onehot_y=True), TypeError,
          "input must be a floating-point tensor"),
         (lambda: F.dbce_loss(LABELS.repeat(1, 3, 1, 1), LABELS), TypeError, "input must be a floating-point tensor"),
-        (lambda: F.dice_loss(LOGITS[0, 0], LABELS), ValueError, r"input must have shape \(B, C, \*spatial\)"),
+        (lambda: F.dice_loss(LOGITS[0, 0, 0], LABELS), ValueError, r"input must have shape \(B, C\) or \(B, C, \*spatial\)"),
+        (lambda: F.dbce_loss(LOGITS[:, :, 0, 0], LABELS[:, 0, 0]), ValueError,
+         r"input must have shape \(B, C, \*spatial\) with at least one spatial dim"),
         # batch or spatial shape mismatch
         (lambda: F.dice_loss(LOGITS, LABELS[:1], to_onehot_y=True), ValueError, "target must match input's batch"),
         (lambda: F.tversky_loss(LOGITS, LABELS[..., :3], to_onehot_y=True), ValueError, "target must match"),
@@ -91,15 +103,17 @@ def test_bad_options(make, error, match):
         (lambda: F.dbce_loss(LOGITS, LABELS.to("meta")), ValueError, "same device"),
         (lambda: F.dice_loss(LOGITS, [0, 1]), TypeError, "target must be a torch.Tensor"),
         # backends that this op does not have or that cannot run here
-        (lambda: F.focal_loss(LOGITS, LABELS, to_onehot_y=True, backend="cpp"), ValueError,
-         "focal_loss has no 'cpp' backend"),
+        (lambda: F.dice_focal_loss(LOGITS, LABELS, to_onehot_y=True, reduction="none", backend="cpp"),
+         ValueError, "cannot run dice_focal_loss: reduction='none' of a Dice and focal sum"),
         (lambda: F.dice_loss(LOGITS, LABELS, to_onehot_y=True, backend="cuda"), ValueError,
          "cannot run dice_loss: the CUDA backend runs on CUDA tensors"),
         (lambda: F.dice_loss(LOGITS, LABELS, to_onehot_y=True, other_act=torch.tanh, backend="cpp"), ValueError,
          "cannot run dice_loss: other_act is an arbitrary callable"),
         (lambda: F.dilated_class_weights(LABELS[:, 0], 2, 1.0), ValueError, r"labels holds labels outside \[0, 2\)"),
         (lambda: F.dilated_class_weights(LABELS[:, 0].float(), 3, 1.0), TypeError, "labels must be an integer"),
-        (lambda: F.dilated_class_weights(LABELS[:, 0], 0, 1.0), TypeError, "num_classes must be an int >= 1"),
+        # as label_histogram: a ValueError for a bad value (issue 13 item 11)
+        (lambda: F.dilated_class_weights(LABELS[:, 0], 0, 1.0), ValueError, "num_classes must be >= 1"),
+        (lambda: F.dilated_class_weights(LABELS[:, 0], 2.5, 1.0), TypeError, "num_classes must be an int"),
     ],
 )
 def test_bad_tensors(call, error, match):
@@ -113,6 +127,8 @@ LOSSES = [
     lambda x, y: F.generalized_dice_loss(x, y, to_onehot_y=True, softmax=True),
     lambda x, y: F.tversky_loss(x, y, to_onehot_y=True, softmax=True),
     lambda x, y: F.focal_loss(x, y, to_onehot_y=True),
+    lambda x, y: F.dice_focal_loss(x, y, to_onehot_y=True, softmax=True),
+    lambda x, y: F.generalized_dice_focal_loss(x, y, to_onehot_y=True, softmax=True),
     lambda x, y: F.dice_ce_loss(x, y, to_onehot_y=True, softmax=True),
     lambda x, y: F.dbce_loss(x, y),
     lambda x, y: F.balanced_ce_loss(x, y),
@@ -129,12 +145,11 @@ def test_nan_logits_propagate(loss):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_unchecked_bad_labels_give_nan(loss, monkeypatch):
     """What a CUDA tensor without validate=True gets: a NaN loss, never an indexing error or a wrong number."""
-    from torch_medloss import _validation, dice_family
+    from torch_medloss import _validation
     from torch_medloss.reference import _common
 
     skip = lambda *args, **kwargs: None  # noqa: E731
     monkeypatch.setattr(_common, "check_label_map", skip)
-    monkeypatch.setattr(dice_family, "check_label_map", skip)
     monkeypatch.setattr(_validation, "check_label_map", skip)
     monkeypatch.setattr(F.v, "check_label_map", skip)
     bad = LABELS.clone()

@@ -37,7 +37,8 @@ def backend(request):
 
 def codes(activation=K.ACTIVATION_SOFTMAX, labels=True, ignore_index=0, mask_mode=K.MASK_NONE, squared=False,
           with_ce=False, head=K.HEAD_DICE, drop=False, batch=False, reduction=K.REDUCTION_MEAN, jaccard=False,
-          soft=False, w_type=K.W_TYPE_SQUARE, has_weight=False) -> list[int]:
+          soft=False, w_type=K.W_TYPE_SQUARE, has_weight=False, focal=K.FOCAL_NONE, alpha=K.ALPHA_NONE,
+          focal_mask=False) -> list[int]:
     values = [0] * K.DICE_NUM_CODES
     values[K.DICE_CODE_ACTIVATION] = activation
     values[K.DICE_CODE_TARGET_IS_LABELS] = int(labels)
@@ -53,11 +54,14 @@ def codes(activation=K.ACTIVATION_SOFTMAX, labels=True, ignore_index=0, mask_mod
     values[K.DICE_CODE_SOFT_INTERSECTION] = int(soft)
     values[K.DICE_CODE_W_TYPE] = w_type
     values[K.DICE_CODE_HAS_WEIGHT] = int(has_weight)
+    values[K.DICE_CODE_FOCAL] = focal
+    values[K.DICE_CODE_FOCAL_ALPHA] = alpha
+    values[K.DICE_CODE_FOCAL_MASK] = int(focal_mask)
     return values
 
 
 def scalars(label_smoothing=0.0, smooth_nr=1e-5, smooth_dr=1e-5, alpha=0.5, beta=0.5, lambda_dice=1.0,
-            lambda_ce=1.0) -> list[float]:
+            lambda_ce=1.0, focal_gamma=2.0, focal_alpha=0.25, lambda_focal=1.0) -> list[float]:
     values = [0.0] * K.DICE_NUM_SCALARS
     values[K.DICE_SCALAR_LABEL_SMOOTHING] = label_smoothing
     values[K.DICE_SCALAR_SMOOTH_NR] = smooth_nr
@@ -66,11 +70,16 @@ def scalars(label_smoothing=0.0, smooth_nr=1e-5, smooth_dr=1e-5, alpha=0.5, beta
     values[K.DICE_SCALAR_BETA] = beta
     values[K.DICE_SCALAR_LAMBDA_DICE] = lambda_dice
     values[K.DICE_SCALAR_LAMBDA_CE] = lambda_ce
+    values[K.DICE_SCALAR_FOCAL_GAMMA] = focal_gamma
+    values[K.DICE_SCALAR_FOCAL_ALPHA] = focal_alpha
+    values[K.DICE_SCALAR_LAMBDA_FOCAL] = lambda_focal
     return values
 
 
-def params(num_classes, gamma=0.0, weight=None, ce_weight=None, dtype=torch.float32, generator=None):
-    """(3, C): gamma (a scalar, a list, or "random" in [0, 3]), Dice class weights, cross-entropy class weights."""
+def params(num_classes, gamma=0.0, weight=None, ce_weight=None, dtype=torch.float32, generator=None,
+           focal_alpha=None, focal_weight=None):
+    """(5, C): gamma (a scalar, a list, or "random" in [0, 3]), Dice class weights, cross-entropy class weights, focal
+    alpha and focal class weights."""
     rows = torch.ones(K.DICE_PARAM_ROWS, num_classes, dtype=torch.float64)
     rows[K.DICE_PARAM_GAMMA] = 3 * torch.rand(num_classes, generator=generator, dtype=torch.float64) \
         if gamma == "random" else torch.as_tensor(gamma, dtype=torch.float64)
@@ -78,6 +87,9 @@ def params(num_classes, gamma=0.0, weight=None, ce_weight=None, dtype=torch.floa
         rows[K.DICE_PARAM_WEIGHT] = torch.as_tensor(weight, dtype=torch.float64)
     if ce_weight is not None:
         rows[K.DICE_PARAM_CE_WEIGHT] = torch.as_tensor(ce_weight, dtype=torch.float64)
+    rows[K.DICE_PARAM_FOCAL_ALPHA] = 0.0 if focal_alpha is None else torch.as_tensor(focal_alpha, dtype=torch.float64)
+    if focal_weight is not None:
+        rows[K.DICE_PARAM_FOCAL_WEIGHT] = torch.as_tensor(focal_weight, dtype=torch.float64)
     return rows.to(dtype)
 
 
@@ -160,8 +172,8 @@ def check_sums(backend, logits, target, prm, cds, scl, generator):
     if logits.dtype == torch.float64 and backend in ("triton", "cuda"):
         pytest.skip("float64 logits are fused on the CPU only")
     batch, num_classes, _ = logits.shape
-    grads = (torch.randn(batch, num_classes, 4, generator=generator, dtype=torch.float64),
-             torch.randn(batch, 3, generator=generator, dtype=torch.float64))
+    grads = (torch.randn(batch, num_classes, K.DICE_NUM_SUMS, generator=generator, dtype=torch.float64),
+             torch.randn(batch, K.DICE_NUM_EXTRAS, generator=generator, dtype=torch.float64))
     got = run_sums(backend, *to(device, logits, target, prm), cds, scl, to(device, *grads))
     want = expected(logits, target, prm, cds, scl, grads)
     assert_close(got, want, logits.dtype, f"{backend} sums {cds} {scl}")
@@ -171,7 +183,7 @@ def check_loss(backend, logits, target, prm, cds, scl, generator):
     device = backends.device(backend)
     if logits.dtype == torch.float64 and backend in ("triton", "cuda"):
         pytest.skip("float64 logits are fused on the CPU only")
-    shape = K.dice_loss_shape(logits.shape[0], logits.shape[1], cds)
+    shape = K.dice_loss_shape(logits.shape[0], logits.shape[1], cds, logits.shape[2])
     upstream = torch.rand(shape, generator=generator, dtype=torch.float64)
     got = run_loss(backend, *to(device, logits, target, prm), cds, scl, upstream.to(device))
     want = expected(logits, target, prm, cds, scl, fn="loss", upstream=upstream)
@@ -211,10 +223,10 @@ def test_hand_computed_sums(backend):
     sums, extras = op.dice_sums(backend, logits, labels, params(2).to(device),
                                 codes(K.ACTIVATION_NONE, squared=True), scalars())
     # I = sum p y: class 0: 0.5, class 1: 0.75. P = sum p^2: 0.3125, 0.8125. G = sum y^2: 1, 1.
-    # D = sum |p - y|: class 0: 0.25 + 0.5 = 0.75; class 1: 0.25 + 0.5 = 0.75.
-    want = torch.tensor([[[0.5, 0.3125, 1.0, 0.75], [0.75, 0.8125, 1.0, 0.75]]])
+    # D = sum |p - y|: class 0: 0.25 + 0.5 = 0.75; class 1: 0.25 + 0.5 = 0.75. No focal term: F = 0. Two valid pixels.
+    want = torch.tensor([[[0.5, 0.3125, 1.0, 0.75, 0.0], [0.75, 0.8125, 1.0, 0.75, 0.0]]])
     torch.testing.assert_close(sums.cpu(), want)
-    torch.testing.assert_close(extras.cpu(), torch.zeros(1, 3))
+    torch.testing.assert_close(extras.cpu(), torch.tensor([[0.0, 0.0, 0.0, 2.0]]))
 
 
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES, ids=str)
@@ -307,18 +319,28 @@ def test_loss_heads_match_reference(backend, head_codes):
     dict(head=K.HEAD_GENERALIZED, w_type=K.W_TYPE_UNIFORM, batch=True), dict(with_ce=True),
     dict(with_ce=True, reduction=K.REDUCTION_SUM, batch=True, drop=True, has_weight=True),
     dict(with_ce=True, label_smoothing=0.2, lambda_dice=0.5, lambda_ce=2.0),
+    dict(head=K.HEAD_NONE, focal=K.FOCAL_SIGMOID), dict(head=K.HEAD_NONE, focal=K.FOCAL_SOFTMAX, drop=True),
+    dict(head=K.HEAD_NONE, focal=K.FOCAL_SIGMOID, reduction=K.REDUCTION_SUM, alpha=K.ALPHA_SCALAR),
+    dict(head=K.HEAD_NONE, focal=K.FOCAL_SOFTMAX, reduction=K.REDUCTION_NONE, alpha=K.ALPHA_PER_CLASS),
+    dict(head=K.HEAD_NONE, focal=K.FOCAL_SIGMOID, reduction=K.REDUCTION_NONE, focal_gamma=0.5, drop=True),
+    dict(head=K.HEAD_NONE, focal=K.FOCAL_SOFTMAX, focal_mask=True, mask_mode=K.MASK_LABEL, ignore_index=1),
+    dict(head=K.HEAD_NONE, focal=K.FOCAL_SIGMOID, soft=True, focal_gamma=1.0),
+    dict(focal=K.FOCAL_SIGMOID, alpha=K.ALPHA_SCALAR, has_weight=True, lambda_focal=0.5),
+    dict(head=K.HEAD_GENERALIZED, focal=K.FOCAL_SIGMOID, batch=True, reduction=K.REDUCTION_SUM),
+    dict(focal=K.FOCAL_SIGMOID, with_ce=True, batch=True, drop=True),
 ], ids=str)
 def test_loss_options_match_reference(backend, variant):
     variant = dict(variant)
     generator = torch.Generator().manual_seed(len(str(variant)))
     dtype = torch.float64 if backend in ("reference", "cpp") else torch.float32
     gamma = variant.pop("gamma", 0.0)
-    scalar_options = {k: variant.pop(k) for k in ("label_smoothing", "lambda_dice", "lambda_ce") if k in variant}
+    scalar_options = {k: variant.pop(k) for k in ("label_smoothing", "lambda_dice", "lambda_ce", "focal_gamma",
+                                                  "lambda_focal") if k in variant}
     logits = make_logits((2, 5, 31), dtype, generator)
     target = make_dense((2, 5, 31), "soft", dtype, generator) if variant.get("soft") else \
         make_labels((2, 31), 5, torch.int64, generator)
     prm = params(5, gamma=gamma, weight=[0.2, 0.5, 1.0, 2.0, 4.0], ce_weight=[1.0, 2.0, 0.5, 1.0, 3.0], dtype=dtype,
-                 generator=generator)
+                 generator=generator, focal_alpha=[0.1, 0.3, 0.5, 0.7, 0.9], focal_weight=[1.0, 0.5, 2.0, 1.5, 3.0])
     check_loss(backend, logits, target, prm, codes(labels=not variant.get("soft"), **variant),
                scalars(**scalar_options), generator)
 
@@ -499,12 +521,14 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     run_script("", """
         kernel = load_kernel("dice_sums")
         FLAGS = ("ACTIVATION", "TARGET_IS_LABELS", "MASK_MODE", "SQUARED", "WITH_CE", "INT64_OFFSETS")
-        FLOATS = ("label_smoothing", "smooth_nr", "smooth_dr", "alpha", "beta", "lambda_dice", "lambda_ce")
+        FLOATS = ("label_smoothing", "smooth_nr", "smooth_dr", "alpha", "beta", "lambda_dice", "lambda_ce",
+                  "lambda_focal", "focal_gamma", "focal_alpha")
 
         def compile_and_count(fn, pointer_types, constants, num_classes, what):
             constants = {k: v for k, v in constants.items() if k in fn.arg_names}
             # The usual specialisation of a contiguous (B, C, S) layout: unit pixel strides become constants.
-            constants.update({name: 1 for name in fn.arg_names if name.endswith("_s") or name == "stride_coef_c"})
+            constants.update({name: 1 for name in fn.arg_names if name in (
+                "stride_logits_s", "stride_target_s", "stride_grad_logits_s", "stride_coef_c")})
             registers, spills = ptxas_report(fn, pointer_types, constants, 4, float_args=FLOATS)
             if num_classes <= 16 and spills:
                 FAILURES.append(f"{fn.__name__} C={num_classes} {what}: {registers} registers, spills {spills}")
@@ -519,20 +543,22 @@ def test_triton_kernels_compile_for_sm90_without_spills():
             (128, "*fp32", "*i8", (0, True, 0, True, True, True)),
         ]:
             block_c, block_s, _, _ = kernel._launch_sizes(2, num_classes, 128**3)
-            constants = dict(zip(FLAGS, flags), BLOCK_C=block_c, BLOCK_S=block_s, SCALED=True, DROP=1)
-            types = {"logits_ptr": logits_type, "target_ptr": target_type, "grad_logits_ptr": logits_type}
-            compile_and_count(kernel._dice_partials_kernel, types, constants, num_classes, flags)
-            compile_and_count(kernel._dice_bwd_kernel, types, constants, num_classes, flags)
+            for focal in (0, 1, 2) if num_classes == 4 else (0,):
+                constants = dict(zip(FLAGS, flags), BLOCK_C=block_c, BLOCK_S=block_s, SCALED=True, DROP=1,
+                                 FOCAL=focal, ALPHA=focal, FOCAL_MAP=focal == 2)
+                types = {"logits_ptr": logits_type, "target_ptr": target_type, "grad_logits_ptr": logits_type}
+                compile_and_count(kernel._dice_partials_kernel, types, constants, num_classes, (*flags, focal))
+                compile_and_count(kernel._dice_bwd_kernel, types, constants, num_classes, (*flags, focal))
         for head, batch, reduction, with_ce in [(0, True, 0, True), (1, False, 2, False), (2, False, 0, False),
                                                 (0, False, 2, False)]:
             for num_classes in (4, 128):
                 constants = dict(SUMS_ONLY=False, HEAD=head, DROP=1, BATCH=batch, REDUCTION=reduction, JACCARD=True,
-                                 SOFT=True, W_TYPE=0, HAS_WEIGHT=True, WITH_CE=with_ce, BLOCK_C=num_classes,
-                                 BLOCK_P=max(1, 512 // num_classes))
+                                 SOFT=True, W_TYPE=0, HAS_WEIGHT=True, WITH_CE=with_ce, FOCAL=1, FOCAL_MASK=True,
+                                 BLOCK_C=num_classes, BLOCK_P=max(1, 256 // num_classes))
                 compile_and_count(kernel._dice_finalize_kernel, {}, constants, num_classes, (head, batch, reduction))
         compile_and_count(kernel._dice_finalize_kernel, {}, dict(
             SUMS_ONLY=True, HEAD=0, DROP=0, BATCH=False, REDUCTION=0, JACCARD=False, SOFT=False, W_TYPE=0,
-            HAS_WEIGHT=False, WITH_CE=True, BLOCK_C=4, BLOCK_P=128), 4, "sums only")
+            HAS_WEIGHT=False, WITH_CE=True, FOCAL=0, FOCAL_MASK=False, BLOCK_C=4, BLOCK_P=64), 4, "sums only")
         """,
         interpret=False,
     )

@@ -17,11 +17,17 @@ ACTIVATION_NONE, ACTIVATION_SOFTMAX, ACTIVATION_SIGMOID = 0, 1, 2
 # which pixels count (w): none masked; label == ignore_index (label maps); MONAI's one-hot masks: 1 - y[ignore_index]
 # when ignore_index is a channel, or "the one-hot vector is not all zero" for a sentinel ignore_index.
 MASK_NONE, MASK_LABEL, MASK_CHANNEL, MASK_SENTINEL = 0, 1, 2, 3
-# the loss computed from the sums: MONAI's Dice (also PM Dice), generalized Dice, Tversky
-HEAD_DICE, HEAD_GENERALIZED, HEAD_TVERSKY = 0, 1, 2
+# the loss computed from the sums: MONAI's Dice (also PM Dice), generalized Dice, Tversky, or none (FocalLoss: the
+# focal term alone)
+HEAD_DICE, HEAD_GENERALIZED, HEAD_TVERSKY, HEAD_NONE = 0, 1, 2, 3
 REDUCTION_MEAN, REDUCTION_SUM, REDUCTION_NONE = 0, 1, 2
 # generalized Dice class weights: 1/G^2, 1/G, 1
 W_TYPE_SQUARE, W_TYPE_SIMPLE, W_TYPE_UNIFORM = 0, 1, 2
+# MONAI's focal term on the raw logits: none, the sigmoid (binary) form, the softmax form over the kept classes
+FOCAL_NONE, FOCAL_SIGMOID, FOCAL_SOFTMAX = 0, 1, 2
+# the focal term's alpha: none; a scalar (sigmoid: t alpha + (1 - t)(1 - alpha); softmax: 1 - alpha for the first
+# kept class, alpha for the others); one per class (sigmoid: on positives only, t == 1; softmax: per class)
+ALPHA_NONE, ALPHA_SCALAR, ALPHA_PER_CLASS = 0, 1, 2
 
 # positions in ``codes``
 DICE_CODE_ACTIVATION = 0
@@ -38,7 +44,10 @@ DICE_CODE_JACCARD = 10
 DICE_CODE_SOFT_INTERSECTION = 11  # I = (P + G - D) / 2 (MONAI's soft_label with k = 1)
 DICE_CODE_W_TYPE = 12
 DICE_CODE_HAS_WEIGHT = 13  # multiply each class's loss by params[DICE_PARAM_WEIGHT]
-DICE_NUM_CODES = 14
+DICE_CODE_FOCAL = 14  # FOCAL_*: also MONAI's focal term (FocalLoss, DiceFocalLoss, GeneralizedDiceFocalLoss)
+DICE_CODE_FOCAL_ALPHA = 15  # ALPHA_*
+DICE_CODE_FOCAL_MASK = 16  # MONAI's ignore mask is on (ignore_index set): the focal mean divides by valid pixels
+DICE_NUM_CODES = 17
 
 # positions in ``scalars``
 DICE_SCALAR_LABEL_SMOOTHING = 0
@@ -48,43 +57,44 @@ DICE_SCALAR_ALPHA = 3  # Tversky
 DICE_SCALAR_BETA = 4  # Tversky
 DICE_SCALAR_LAMBDA_DICE = 5
 DICE_SCALAR_LAMBDA_CE = 6
-DICE_NUM_SCALARS = 7
+DICE_SCALAR_FOCAL_GAMMA = 7
+DICE_SCALAR_FOCAL_ALPHA = 8  # with ALPHA_SCALAR
+DICE_SCALAR_LAMBDA_FOCAL = 9
+DICE_NUM_SCALARS = 10
 
 # rows of ``params`` (DICE_PARAM_ROWS, C), indexed by the full class index c (class 0 included)
 DICE_PARAM_GAMMA = 0  # PM Dice modulator exponent (0: m = 1)
 DICE_PARAM_WEIGHT = 1  # the Dice class weights (HAS_WEIGHT)
 DICE_PARAM_CE_WEIGHT = 2  # the cross-entropy class weights (1 without weights)
-DICE_PARAM_ROWS = 3
+DICE_PARAM_FOCAL_ALPHA = 3  # with ALPHA_PER_CLASS
+DICE_PARAM_FOCAL_WEIGHT = 4  # the focal term's class weights (1 without weights)
+DICE_PARAM_ROWS = 5
 
 # the dice_sums ops' outputs: sums (B, C, DICE_NUM_SUMS) and extras (B, DICE_NUM_EXTRAS)
-DICE_SUM_I, DICE_SUM_P, DICE_SUM_G, DICE_SUM_D = 0, 1, 2, 3
-DICE_NUM_SUMS = 4
-DICE_EXTRA_CE_NUM, DICE_EXTRA_CE_DEN, DICE_EXTRA_INVALID = 0, 1, 2
-DICE_NUM_EXTRAS = 3
-# the dice_loss ops' coefficients (B or 1, DICE_NUM_COEFFICIENTS, C): d loss / d (I, P, D) per class in the rows of
-# the same index as the sums (G has no gradient), and the cross entropy's d loss / d ce_num in row DICE_COEF_CE,
-# column 0, of the first image. The backward kernels then read either layout with the same row indices.
-DICE_COEF_I, DICE_COEF_P, DICE_COEF_CE, DICE_COEF_D = 0, 1, 2, 3
-DICE_NUM_COEFFICIENTS = 4
+DICE_SUM_I, DICE_SUM_P, DICE_SUM_G, DICE_SUM_D, DICE_SUM_F = 0, 1, 2, 3, 4  # F: the focal term's sum over pixels
+DICE_NUM_SUMS = 5
+DICE_EXTRA_CE_NUM, DICE_EXTRA_CE_DEN, DICE_EXTRA_INVALID, DICE_EXTRA_VALID = 0, 1, 2, 3  # VALID: sum of w
+DICE_NUM_EXTRAS = 4
+# the dice_loss ops' coefficients (B or 1, DICE_NUM_SUMS, C + 1): d loss / d (I, P, D, F) per class in the rows of
+# the same index as the sums (G has no gradient: its row is 0), so the backward kernels read either layout with the
+# same row indices; column C holds two scalars of the first image: d loss / d ce_num (row DICE_SLOT_CE) and the
+# poison, 0 or NaN for a bad label (row DICE_SLOT_POISON).
+DICE_SLOT_CE, DICE_SLOT_POISON = 0, 1
 # the fused kernels keep a pixel's classes in registers; past this many classes the reference runs instead
 DICE_MAX_CLASSES = 128
 
 
-def dice_loss_shape(batch_size: int, num_classes: int, codes) -> tuple[int, ...]:
+def dice_loss_shape(batch_size: int, num_classes: int, codes, num_pixels: int = 0) -> tuple[int, ...]:
     """The shape of the dice_loss op's loss: () for mean/sum; for "none", (B, C') or (C',) with batch for Dice and
-    Tversky (C' the kept classes), (B, 1) or (1,) for generalized Dice."""
+    Tversky (C' the kept classes), (B, 1) or (1,) for generalized Dice, the (B, C', S) map of the focal term alone
+    (HEAD_NONE)."""
     if codes[DICE_CODE_REDUCTION] != REDUCTION_NONE:
         return ()
-    if codes[DICE_CODE_HEAD] == HEAD_GENERALIZED:
-        per_unit = (1,)
-    else:
-        per_unit = (num_classes - codes[DICE_CODE_DROP_BACKGROUND],)
+    kept = num_classes - codes[DICE_CODE_DROP_BACKGROUND]
+    if codes[DICE_CODE_HEAD] == HEAD_NONE:
+        return (batch_size, kept, num_pixels)
+    per_unit = (1,) if codes[DICE_CODE_HEAD] == HEAD_GENERALIZED else (kept,)
     return per_unit if codes[DICE_CODE_BATCH] else (batch_size, *per_unit)
-
-
-def dice_coefficient_rows(batch_size: int, codes) -> int:
-    """Images in the coefficients: 1 with batch (every image shares them), else B."""
-    return 1 if codes[DICE_CODE_BATCH] else batch_size
 
 
 # ------------------------------------------------------------------------------------------------------- DBCE

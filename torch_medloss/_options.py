@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,9 +31,11 @@ PerClass = float | tuple[float, ...] | None
 
 def check_reduction(reduction: object, allowed: tuple[str, ...] = REDUCTIONS) -> str:
     value = getattr(reduction, "value", reduction)  # MONAI passes LossReduction enum members
-    if not isinstance(value, str):
+    if value is None:
         # MONAI raises ValueError for reduction=None ("Unsupported reduction: None"); so do we.
-        raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}.")
+        raise ValueError(f"reduction must be one of {allowed}, got None.")
+    if not isinstance(value, str):
+        raise TypeError(f"reduction must be a str, one of {allowed}, got {type(reduction).__name__}.")
     if value not in allowed:
         raise ValueError(f"reduction must be one of {allowed}, got {value!r}.")
     return value
@@ -153,9 +156,11 @@ class _DeviceCache:
 class DiceOptions:
     """Every option of the Dice family (Dice, PM Dice, generalized Dice, Tversky, Dice+CE).
 
-    ``head`` picks the loss computed from the sums; ``gamma`` set makes it PM Dice; ``with_ce`` adds Dice+CE's cross
-    entropy (``weight`` then also weighs the cross entropy, one value per class including the background). The
-    names and defaults of the rest are MONAI's; ``name`` is the functional form's, for messages.
+    ``head`` picks the loss computed from the sums ("none": no Dice part, FocalLoss); ``gamma`` set makes it PM
+    Dice; ``with_ce`` adds Dice+CE's cross entropy (``weight`` then also weighs the cross entropy, one value per
+    class including the background); ``focal`` ("sigmoid" or "softmax") adds MONAI's focal loss on the raw logits
+    with ``focal_gamma``, ``focal_alpha`` and the class weights ``focal_weight`` (DiceFocalLoss passes its weight to
+    both parts). The names and defaults of the rest are MONAI's; ``name`` is the functional form's, for messages.
     """
 
     name: str = "dice_loss"
@@ -182,6 +187,11 @@ class DiceOptions:
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
     label_smoothing: float = 0.0
+    focal: str | None = None
+    focal_gamma: float = 2.0
+    focal_alpha: PerClass = None
+    focal_weight: PerClass = None
+    lambda_focal: float = 1.0
     backend: str = "auto"
     validate: bool = False
     distributed: str = "auto"
@@ -190,11 +200,19 @@ class DiceOptions:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         check_activation(self.sigmoid, self.softmax, self.other_act)
+        if self.focal not in (None, "sigmoid", "softmax"):
+            raise ValueError(f"focal must be None, 'sigmoid' or 'softmax', got {self.focal!r}.")
+        set_(self, "focal_gamma", check_real("gamma", self.focal_gamma, 0.0))
+        set_(self, "focal_alpha", check_per_class("alpha", self.focal_alpha, high=1.0))
+        set_(self, "focal_weight", check_per_class("weight", self.focal_weight))
+        set_(self, "lambda_focal", check_real("lambda_focal", self.lambda_focal, 0.0))
         for flag in ("include_background", "to_onehot_y", "sigmoid", "softmax", "squared_pred", "jaccard", "batch",
                      "soft_label", "with_ce", "validate"):
             set_(self, flag, check_bool(flag, getattr(self, flag)))
         # DiceCELoss has no "none": its Dice part reduces over space, its cross entropy does not.
         set_(self, "reduction", check_reduction(self.reduction, ("mean", "sum") if self.with_ce else REDUCTIONS))
+        if self.head not in ("dice", "generalized", "tversky", "none"):
+            raise ValueError(f"head must be 'dice', 'generalized', 'tversky' or 'none', got {self.head!r}.")
         # MONAI lets any float through and gives NaN or inf losses; a smoothing term must be a finite number >= 0.
         set_(self, "smooth_nr", check_real("smooth_nr", self.smooth_nr, 0.0))
         set_(self, "smooth_dr", check_real("smooth_dr", self.smooth_dr, 0.0))
@@ -225,7 +243,21 @@ class DiceOptions:
         values[K.DICE_SCALAR_BETA] = self.beta
         values[K.DICE_SCALAR_LAMBDA_DICE] = self.lambda_dice
         values[K.DICE_SCALAR_LAMBDA_CE] = self.lambda_ce
+        values[K.DICE_SCALAR_FOCAL_GAMMA] = self.focal_gamma
+        values[K.DICE_SCALAR_FOCAL_ALPHA] = self.focal_alpha if isinstance(self.focal_alpha, float) else 0.0
+        values[K.DICE_SCALAR_LAMBDA_FOCAL] = self.lambda_focal
         return values
+
+    def focal_alpha_mode(self, kept: int) -> int:
+        """_contract.ALPHA_*: MONAI's softmax focal loss ignores a scalar alpha without the background (it warns)."""
+        if self.focal_alpha is None:
+            return K.ALPHA_NONE
+        if isinstance(self.focal_alpha, float):
+            if self.focal == "softmax" and not self.include_background:
+                warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=4)
+                return K.ALPHA_NONE
+            return K.ALPHA_SCALAR
+        return K.ALPHA_PER_CLASS
 
     def dice_weights(self, kept: int) -> list[float] | None:
         """The Dice class weights of the kept classes, or None (MONAI weighs no single-class loss)."""
@@ -252,40 +284,17 @@ class DiceOptions:
                 rows[K.DICE_PARAM_WEIGHT] = [1.0] * drop + weights
             if self.with_ce and self.weight is not None:
                 rows[K.DICE_PARAM_CE_WEIGHT] = expand("weight", self.weight, num_classes)
+            rows.append([0.0] * num_classes)  # DICE_PARAM_FOCAL_ALPHA
+            rows.append([1.0] * num_classes)  # DICE_PARAM_FOCAL_WEIGHT
+            if isinstance(self.focal_alpha, tuple):
+                rows[K.DICE_PARAM_FOCAL_ALPHA] = [0.0] * drop + expand("alpha", self.focal_alpha, kept)
+            if self.focal_weight is not None:
+                if isinstance(self.focal_weight, tuple) and kept == 1:
+                    raise ValueError("weight: per-class weights are not supported for single-channel outputs.")
+                rows[K.DICE_PARAM_FOCAL_WEIGHT] = [1.0] * drop + expand("weight", self.focal_weight, kept)
             return torch.tensor(rows, dtype=dtype, device=device)
 
         return self._cache.get((device, dtype, num_classes, drop), build)
-
-
-# ------------------------------------------------------------------------------------------------------- focal
-
-
-@dataclass(frozen=True)
-class FocalOptions:
-    """MONAI's FocalLoss options."""
-
-    include_background: bool = True
-    to_onehot_y: bool = False
-    gamma: float = 2.0
-    alpha: PerClass = None
-    weight: PerClass = None
-    reduction: str = "mean"
-    use_softmax: bool = False
-    ignore_index: int | None = None
-    backend: str = "auto"
-    validate: bool = False
-    _cache: _DeviceCache = field(default_factory=_DeviceCache, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        for flag in ("include_background", "to_onehot_y", "use_softmax", "validate"):
-            set_(self, flag, check_bool(flag, getattr(self, flag)))
-        set_(self, "gamma", check_real("gamma", self.gamma, 0.0))
-        set_(self, "alpha", check_per_class("alpha", self.alpha, high=1.0))
-        set_(self, "weight", check_per_class("weight", self.weight))
-        set_(self, "reduction", check_reduction(self.reduction))
-        set_(self, "ignore_index", check_int("ignore_index", self.ignore_index, allow_none=True))
-        set_(self, "backend", _backend.check_backend_name(self.backend))
 
 
 # -------------------------------------------------------------------------------------------------------- DBCE

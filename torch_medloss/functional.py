@@ -19,7 +19,7 @@ from torch import Tensor
 from torch_medloss import _backend, _distributed
 from torch_medloss import _contract as K
 from torch_medloss import _validation as v
-from torch_medloss._options import DBCEOptions, DiceOptions, FocalOptions, as_tensor
+from torch_medloss._options import DBCEOptions, DiceOptions, as_tensor
 from torch_medloss.concat_conv import concat_conv2d
 from torch_medloss.frequency_split import frequency_split
 from torch_medloss.label_histogram import label_histogram
@@ -29,10 +29,12 @@ __all__ = [
     "concat_conv2d",
     "dbce_loss",
     "dice_ce_loss",
+    "dice_focal_loss",
     "dice_loss",
     "dilated_class_weights",
     "focal_loss",
     "frequency_split",
+    "generalized_dice_focal_loss",
     "generalized_dice_loss",
     "label_histogram",
     "pm_dice_loss",
@@ -44,13 +46,15 @@ FUSED = ("triton", "cuda", "cpp", "reference")
 # ==================================================================================================== Dice family
 
 _ACTIVATIONS = {"sigmoid": K.ACTIVATION_SIGMOID, "softmax": K.ACTIVATION_SOFTMAX}
-_HEADS = {"dice": K.HEAD_DICE, "generalized": K.HEAD_GENERALIZED, "tversky": K.HEAD_TVERSKY}
+_HEADS = {"dice": K.HEAD_DICE, "generalized": K.HEAD_GENERALIZED, "tversky": K.HEAD_TVERSKY, "none": K.HEAD_NONE}
+_FOCAL = {None: K.FOCAL_NONE, "sigmoid": K.FOCAL_SIGMOID, "softmax": K.FOCAL_SOFTMAX}
 _REDUCTIONS = {"mean": K.REDUCTION_MEAN, "sum": K.REDUCTION_SUM, "none": K.REDUCTION_NONE}
 _W_TYPES = {"square": K.W_TYPE_SQUARE, "simple": K.W_TYPE_SIMPLE, "uniform": K.W_TYPE_UNIFORM}
 
 
 def dice_family(input: Tensor, target: Tensor, options: DiceOptions) -> Tensor:
-    """Every Dice-family loss, from its checked options: the reference, or one fused op (sums and head)."""
+    """Every Dice-family loss (FocalLoss too), from its checked options: the reference, or one fused op (the sums
+    and the head)."""
     v.check_logits(input, min_ndim=2)
     target = v.check_dice_target(input, target, options.to_onehot_y)
     blocker = _dice_blocker(input, target, options)
@@ -94,6 +98,8 @@ def _dice_blocker(input: Tensor, target: Tensor, o: DiceOptions) -> str | None:
         return "ignore_index on a single-channel dense target is not fused"
     if target.requires_grad:
         return "the target requires grad, and the fused kernels give the logits' gradient only"
+    if o.focal is not None and o.head != "none" and o.reduction == "none":
+        return "reduction='none' of a Dice and focal sum is a (B, C, *S) map; only its mean and sum are fused"
     return None
 
 
@@ -141,6 +147,12 @@ def _dice_codes(input: Tensor, target: Tensor, labels: bool, o: DiceOptions) -> 
     codes[K.DICE_CODE_SOFT_INTERSECTION] = int(o.soft_label and not codes[K.DICE_CODE_SQUARED])
     codes[K.DICE_CODE_W_TYPE] = _W_TYPES[o.w_type]
     codes[K.DICE_CODE_HAS_WEIGHT] = int(head == K.HEAD_DICE and o.dice_weights(num_classes - drop) is not None)
+    codes[K.DICE_CODE_FOCAL] = _FOCAL[o.focal]
+    if o.focal is not None:
+        codes[K.DICE_CODE_FOCAL_ALPHA] = o.focal_alpha_mode(num_classes - drop)
+        codes[K.DICE_CODE_FOCAL_MASK] = int(o.ignore_index is not None)
+    if head == K.HEAD_NONE:
+        codes[K.DICE_CODE_ACTIVATION] = K.ACTIVATION_NONE  # no Dice part: FocalLoss activates its own logits
     return codes, kernel_target
 
 
@@ -152,7 +164,9 @@ def _reference_head(sums, extras, params, codes, scalars, all_reduce) -> Tensor:
 
 def _dice_output(loss: Tensor, input: Tensor, target: Tensor, codes: list[int], labels: bool) -> Tensor:
     """MONAI's output: its "none" shape for Dice and generalized Dice, and its dtype (a float64 target promotes)."""
-    if codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE and codes[K.DICE_CODE_HEAD] != K.HEAD_TVERSKY:
+    if codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE and codes[K.DICE_CODE_HEAD] == K.HEAD_NONE:
+        loss = loss.view(loss.shape[:2] + input.shape[2:])  # FocalLoss's map (B, C', *S)
+    elif codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE and codes[K.DICE_CODE_HEAD] != K.HEAD_TVERSKY:
         loss = loss.view(list(loss.shape[:2]) + [1] * (input.ndim - 2))
     if not labels and target.dtype == torch.float64 and loss.dtype != torch.float64:
         loss = loss.to(torch.float64)
@@ -162,6 +176,7 @@ def _dice_output(loss: Tensor, input: Tensor, target: Tensor, codes: list[int], 
 def _dice_reference(input: Tensor, target: Tensor, o: DiceOptions) -> Tensor:
     from torch_medloss.reference import dice as reference
     from torch_medloss.reference.dice_ce import dice_ce_loss
+    from torch_medloss.reference.focal import focal_loss
 
     labels = o.to_onehot_y and input.shape[1] > 1 and not target.is_floating_point()
     if labels and o.ignore_index is not None and not v.holds(target.dtype, o.ignore_index):
@@ -169,6 +184,15 @@ def _dice_reference(input: Tensor, target: Tensor, o: DiceOptions) -> Tensor:
     common = {"include_background": o.include_background, "to_onehot_y": o.to_onehot_y, "sigmoid": o.sigmoid,
               "softmax": o.softmax, "other_act": o.other_act, "reduction": o.reduction, "smooth_nr": o.smooth_nr,
               "smooth_dr": o.smooth_dr, "batch": o.batch, "validate": o.validate, "distributed": o.distributed}
+    if o.focal is not None:
+        focal = focal_loss(input, target, include_background=o.include_background, to_onehot_y=o.to_onehot_y,
+                           gamma=o.focal_gamma, alpha=as_tensor(o.focal_alpha), weight=as_tensor(o.focal_weight),
+                           reduction=o.reduction, use_softmax=o.focal == "softmax", ignore_index=o.ignore_index,
+                           validate=o.validate)
+        if o.head == "none":
+            return focal
+        dice = _dice_reference(input, target, DiceOptions(**{**_fields(o), "focal": None}))
+        return o.lambda_dice * dice + o.lambda_focal * focal
     if o.with_ce:
         return dice_ce_loss(input, target, squared_pred=o.squared_pred, jaccard=o.jaccard, weight=as_tensor(o.weight),
                             lambda_dice=o.lambda_dice, lambda_ce=o.lambda_ce, label_smoothing=o.label_smoothing,
@@ -181,6 +205,12 @@ def _dice_reference(input: Tensor, target: Tensor, o: DiceOptions) -> Tensor:
     return reference.pm_dice_loss(input, target, gamma=as_tensor(o.gamma), squared_pred=o.squared_pred,
                                   jaccard=o.jaccard, weight=as_tensor(o.weight), soft_label=o.soft_label,
                                   ignore_index=o.ignore_index, **common)
+
+
+def _fields(options) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if not f.name.startswith("_")}
 
 
 def dice_loss(
@@ -332,18 +362,6 @@ def dice_ce_loss(
 # ========================================================================================================= focal
 
 
-def focal_family(input: Tensor, target: Tensor, options: FocalOptions) -> Tensor:
-    """FocalLoss from its checked options."""
-    from torch_medloss.reference.focal import focal_loss as reference
-
-    v.check_logits(input, min_ndim=2)
-    _backend.resolve("focal_loss", options.backend, input.device, ("reference",))
-    return reference(input, target, include_background=options.include_background,
-                     to_onehot_y=options.to_onehot_y, gamma=options.gamma, alpha=as_tensor(options.alpha),
-                     weight=as_tensor(options.weight), reduction=options.reduction, use_softmax=options.use_softmax,
-                     ignore_index=options.ignore_index, validate=options.validate)
-
-
 def focal_loss(
     input: Tensor,
     target: Tensor,
@@ -359,9 +377,74 @@ def focal_loss(
     backend: str = "auto",
     validate: bool = False,
 ) -> Tensor:
-    """Functional :class:`torch_medloss.FocalLoss` (on logits)."""
-    return focal_family(input, target, FocalOptions(include_background, to_onehot_y, gamma, alpha, weight, reduction,
-                                                    use_softmax, ignore_index, backend, validate))
+    """Functional :class:`torch_medloss.FocalLoss` (on logits): the Dice family's op with no Dice part."""
+    return dice_family(input, target, DiceOptions(
+        "focal_loss", "none", include_background, to_onehot_y, reduction=reduction, ignore_index=ignore_index,
+        focal="softmax" if use_softmax else "sigmoid", focal_gamma=gamma, focal_alpha=alpha, focal_weight=weight,
+        backend=backend, validate=validate, distributed="off"))
+
+
+def dice_focal_loss(
+    input: Tensor,
+    target: Tensor,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    gamma: float = 2.0,
+    weight: Sequence[float] | float | Tensor | None = None,
+    lambda_dice: float = 1.0,
+    lambda_focal: float = 1.0,
+    alpha: float | None = None,
+    *,
+    backend: str = "auto",
+    validate: bool = False,
+    distributed: str = "auto",
+) -> Tensor:
+    """Functional :class:`torch_medloss.DiceFocalLoss`: Dice and MONAI's sigmoid focal loss in one pass."""
+    return dice_family(input, target, DiceOptions(
+        "dice_focal_loss", "dice", include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred,
+        jaccard, reduction, smooth_nr, smooth_dr, batch, weight, lambda_dice=lambda_dice, focal="sigmoid",
+        focal_gamma=gamma, focal_alpha=alpha, focal_weight=weight, lambda_focal=lambda_focal, backend=backend,
+        validate=validate, distributed=distributed))
+
+
+def generalized_dice_focal_loss(
+    input: Tensor,
+    target: Tensor,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    w_type: str = "square",
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    gamma: float = 2.0,
+    weight: Sequence[float] | float | Tensor | None = None,
+    lambda_gdl: float = 1.0,
+    lambda_focal: float = 1.0,
+    *,
+    backend: str = "auto",
+    validate: bool = False,
+    distributed: str = "auto",
+) -> Tensor:
+    """Functional :class:`torch_medloss.GeneralizedDiceFocalLoss`: generalized Dice and MONAI's sigmoid focal loss
+    in one pass (``weight`` weighs the focal part only, as in MONAI)."""
+    return dice_family(input, target, DiceOptions(
+        "generalized_dice_focal_loss", "generalized", include_background, to_onehot_y, sigmoid, softmax, other_act,
+        reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, w_type=w_type,
+        lambda_dice=lambda_gdl, focal="sigmoid", focal_gamma=gamma, focal_weight=weight, lambda_focal=lambda_focal,
+        backend=backend, validate=validate, distributed=distributed))
 
 
 # ========================================================================================================== DBCE

@@ -25,14 +25,16 @@ import torch
 from torch.nn.modules.loss import _Loss
 
 from torch_medloss import functional as F
-from torch_medloss._options import DBCEOptions, DiceOptions, FocalOptions, as_tensor
+from torch_medloss._options import DBCEOptions, DiceOptions, as_tensor
 
 __all__ = [
     "BalancedCELoss",
     "DBCELoss",
     "DiceCELoss",
+    "DiceFocalLoss",
     "DiceLoss",
     "FocalLoss",
+    "GeneralizedDiceFocalLoss",
     "GeneralizedDiceLoss",
     "PMDiceLoss",
     "TverskyLoss",
@@ -40,32 +42,38 @@ __all__ = [
 
 # Per-class options kept as buffers (so .to(device) moves them), under MONAI's attribute names. (Tversky's float
 # alpha stays an attribute, as in MONAI.)
-_BUFFERS = {DiceOptions: {"weight": "class_weight", "gamma": "gamma"},
-            FocalOptions: {"weight": "class_weight", "alpha": "alpha"}}
+_BUFFERS = {"weight": "class_weight", "gamma": "gamma", "focal_weight": "class_weight", "focal_alpha": "alpha"}
+# Options fields that are not user arguments, or are shown under another name.
+_HIDDEN = ("name", "head", "with_ce", "focal")
+_RENAMED = {"focal_gamma": "gamma"}
 
 
 class _OptionsLoss(_Loss):
-    """Holds the checked options; ``forward`` calls the family's functional entry with them."""
+    """Holds the checked options; ``forward`` calls the family's functional entry with them.
+
+    ``_arguments``: the options fields this loss takes (its MONAI arguments), kept as attributes under MONAI's
+    names too, for code that reads them (read-only in effect: forward uses ``self.options``).
+    """
 
     _family: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+    _arguments: tuple[str, ...] = ()
 
-    def __init__(self, options: DiceOptions | FocalOptions | DBCEOptions) -> None:
+    def __init__(self, options: DiceOptions | DBCEOptions) -> None:
         super().__init__(reduction=options.reduction)
         self.options = options
-        # MONAI's attribute names, for code that reads them (read-only in effect: forward uses self.options).
-        buffers = _BUFFERS.get(type(options), {})
-        for item in dataclasses.fields(options):
-            name = item.name
-            if name.startswith("_") or name in ("name", "head", "with_ce"):
-                continue
+        for name in self._arguments:
             value = getattr(options, name)
-            if name in buffers:
-                self.register_buffer(buffers[name], as_tensor(value))
+            if name in _BUFFERS:
+                self.register_buffer(_BUFFERS[name], as_tensor(value))
             else:
-                setattr(self, name, value)
+                setattr(self, _RENAMED.get(name, name), value)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return type(self)._family(input, target, self.options)
+
+
+_DICE_ARGUMENTS = ("include_background", "to_onehot_y", "sigmoid", "softmax", "other_act", "reduction", "smooth_nr",
+                   "smooth_dr", "batch", "backend", "validate", "distributed")
 
 
 class DiceLoss(_OptionsLoss):
@@ -108,6 +116,7 @@ class DiceLoss(_OptionsLoss):
     """
 
     _family = staticmethod(F.dice_family)
+    _arguments = (*_DICE_ARGUMENTS, "squared_pred", "jaccard", "weight", "soft_label", "ignore_index")
 
     def __init__(
         self,
@@ -160,6 +169,7 @@ class PMDiceLoss(_OptionsLoss):
     """
 
     _family = staticmethod(F.dice_family)
+    _arguments = (*_DICE_ARGUMENTS, "gamma", "squared_pred", "weight", "soft_label", "ignore_index")
 
     def __init__(
         self,
@@ -204,6 +214,7 @@ class GeneralizedDiceLoss(_OptionsLoss):
     """
 
     _family = staticmethod(F.dice_family)
+    _arguments = (*_DICE_ARGUMENTS, "w_type", "soft_label")
 
     def __init__(
         self,
@@ -242,6 +253,7 @@ class TverskyLoss(_OptionsLoss):
     """
 
     _family = staticmethod(F.dice_family)
+    _arguments = (*_DICE_ARGUMENTS, "alpha", "beta", "soft_label", "ignore_index")
 
     def __init__(
         self,
@@ -285,6 +297,8 @@ class DiceCELoss(_OptionsLoss):
     """
 
     _family = staticmethod(F.dice_family)
+    _arguments = (*_DICE_ARGUMENTS, "squared_pred", "jaccard", "weight", "lambda_dice", "lambda_ce",
+                  "label_smoothing")
 
     def __init__(
         self,
@@ -327,7 +341,9 @@ class FocalLoss(_OptionsLoss):
     ``validate``. Float64 inputs stay float64 here (MONAI computes in float32).
     """
 
-    _family = staticmethod(F.focal_family)
+    _family = staticmethod(F.dice_family)
+    _arguments = ("include_background", "to_onehot_y", "focal_gamma", "focal_alpha", "focal_weight", "reduction",
+                  "ignore_index", "backend", "validate")
 
     def __init__(
         self,
@@ -343,8 +359,100 @@ class FocalLoss(_OptionsLoss):
         backend: str = "auto",
         validate: bool = False,
     ) -> None:
-        super().__init__(FocalOptions(include_background, to_onehot_y, gamma, alpha, weight, reduction, use_softmax,
-                                      ignore_index, backend, validate))
+        super().__init__(DiceOptions(
+            "focal_loss", "none", include_background, to_onehot_y, reduction=reduction, ignore_index=ignore_index,
+            focal="softmax" if use_softmax else "sigmoid", focal_gamma=gamma, focal_alpha=alpha, focal_weight=weight,
+            backend=backend, validate=validate, distributed="off"))
+        self.use_softmax = bool(use_softmax)
+
+
+class DiceFocalLoss(_OptionsLoss):
+    """Dice plus focal loss, exactly MONAI 1.6.1's ``DiceFocalLoss``: lambda_dice * Dice + lambda_focal * focal.
+
+    The Dice part is :class:`DiceLoss` (activation options apply to it only); the focal part is MONAI's sigmoid
+    :class:`FocalLoss` on the raw logits, with ``gamma``, ``alpha`` and ``weight`` (which weighs both parts). Both
+    come from one pass over the logits. ``reduction="none"`` (a (B, C, *S) map, MONAI's broadcast sum) runs the
+    reference.
+
+    Args: MONAI's: ``include_background``, ``to_onehot_y``, ``sigmoid``, ``softmax``, ``other_act``,
+    ``squared_pred``, ``jaccard``, ``reduction``, ``smooth_nr``, ``smooth_dr``, ``batch``, ``gamma`` (>= 0),
+    ``weight``, ``lambda_dice``, ``lambda_focal`` (>= 0), ``alpha`` (in [0, 1] or None); ``backend``, ``validate``,
+    ``distributed``.
+    """
+
+    _family = staticmethod(F.dice_family)
+    _arguments = (*_DICE_ARGUMENTS, "squared_pred", "jaccard", "focal_gamma", "weight", "lambda_dice",
+                  "lambda_focal", "focal_alpha")
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        gamma: float = 2.0,
+        weight: Sequence[float] | float | int | torch.Tensor | None = None,
+        lambda_dice: float = 1.0,
+        lambda_focal: float = 1.0,
+        alpha: float | None = None,
+        *,
+        backend: str = "auto",
+        validate: bool = False,
+        distributed: str = "auto",
+    ) -> None:
+        super().__init__(DiceOptions(
+            "dice_focal_loss", "dice", include_background, to_onehot_y, sigmoid, softmax, other_act, squared_pred,
+            jaccard, reduction, smooth_nr, smooth_dr, batch, weight, lambda_dice=lambda_dice, focal="sigmoid",
+            focal_gamma=gamma, focal_alpha=alpha, focal_weight=weight, lambda_focal=lambda_focal, backend=backend,
+            validate=validate, distributed=distributed))
+
+
+class GeneralizedDiceFocalLoss(_OptionsLoss):
+    """Generalized Dice plus focal loss, exactly MONAI 1.6.1's ``GeneralizedDiceFocalLoss``:
+    lambda_gdl * generalized Dice + lambda_focal * focal, from one pass over the logits.
+
+    Args: MONAI's: ``include_background``, ``to_onehot_y``, ``sigmoid``, ``softmax``, ``other_act``, ``w_type``,
+    ``reduction``, ``smooth_nr``, ``smooth_dr``, ``batch``, ``gamma``, ``weight`` (the focal part's class weights),
+    ``lambda_gdl``, ``lambda_focal``; ``backend``, ``validate``, ``distributed``.
+    """
+
+    _family = staticmethod(F.dice_family)
+    _arguments = (*_DICE_ARGUMENTS, "w_type", "focal_gamma", "focal_weight", "lambda_focal")
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        w_type: str = "square",
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        gamma: float = 2.0,
+        weight: Sequence[float] | float | int | torch.Tensor | None = None,
+        lambda_gdl: float = 1.0,
+        lambda_focal: float = 1.0,
+        *,
+        backend: str = "auto",
+        validate: bool = False,
+        distributed: str = "auto",
+    ) -> None:
+        super().__init__(DiceOptions(
+            "generalized_dice_focal_loss", "generalized", include_background, to_onehot_y, sigmoid, softmax,
+            other_act, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, w_type=w_type,
+            lambda_dice=lambda_gdl, focal="sigmoid", focal_gamma=gamma, focal_weight=weight,
+            lambda_focal=lambda_focal, backend=backend, validate=validate, distributed=distributed))
+        self.lambda_gdl = self.options.lambda_dice
 
 
 class DBCELoss(_OptionsLoss):
@@ -373,6 +481,8 @@ class DBCELoss(_OptionsLoss):
     """
 
     _family = staticmethod(F.dbce_family)
+    _arguments = ("radius", "element", "spacing", "batch", "ignore_index", "reduction", "backend", "validate",
+                  "distributed")
 
     def __init__(
         self,
@@ -398,6 +508,7 @@ class BalancedCELoss(_OptionsLoss):
     """
 
     _family = staticmethod(F.dbce_family)
+    _arguments = ("batch", "ignore_index", "reduction", "backend", "validate", "distributed")
 
     def __init__(
         self,

@@ -33,27 +33,40 @@ def dice_loss(backend: str, logits: Tensor, target: Tensor, params: Tensor, code
     if backend == "reference":
         return _reference.dice_loss_fwd(logits, target, params, codes, scalars)
     if backend == "triton":
-        return _triton_ops().dice_loss_fwd_triton(logits, target, params, codes, scalars)[0]
-    if not _has_compiled_loss():
-        # An extension built before the fused head existed cannot be: the cache key covers the sources.
+        loss, coefficients = _triton_ops().dice_loss_fwd_triton(logits, target, params, codes, scalars)
+    elif not _has_compiled_loss():
+        # An extension without the fused head (a build that lacks it) runs the sums and the head composed.
+        if K.dice_loss_shape(logits.shape[0], logits.shape[1], codes, logits.shape[2]) and \
+                codes[K.DICE_CODE_HEAD] == K.HEAD_NONE:
+            return _reference.dice_loss_fwd(logits, target, params, codes, scalars)
         sums, extras = dice_sums(backend, logits, target, params, codes, scalars)
         return _reference.loss_from_sums(sums, extras, params, codes, scalars)
-    return torch.ops.torch_medloss.dice_loss_fwd(logits, target, params, codes, scalars)[0]
+    else:
+        loss, coefficients = torch.ops.torch_medloss.dice_loss_fwd(logits, target, params, codes, scalars)
+    if codes[K.DICE_CODE_HEAD] == K.HEAD_NONE and codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE \
+            and coefficients.shape[0] > 0:
+        # The focal map is written before the bad labels are counted: the op leaves the poison (0 or NaN) beside it.
+        loss = loss + coefficients[0, K.DICE_SLOT_POISON, -1]
+    return loss
 
 
 def dice_sums(backend: str, logits: Tensor, target: Tensor, params: Tensor, codes: list[int],
               scalars: list[float]) -> tuple[Tensor, Tensor]:
-    """(sums (B, C, 4), extras (B, 3)), differentiable in ``logits``."""
+    """(sums (B, C, 5), extras (B, 4)), differentiable in ``logits``."""
     if backend == "reference":
         return _reference.dice_sums_fwd(logits, target, params, codes, scalars)
     if backend == "triton":
         return _triton_ops().dice_sums_fwd_triton(logits, target, params, codes, scalars)
-    if _legacy_schema():  # TEMPORARY until csrc/dice_sums.cpp takes the packed lists
-        return torch.ops.torch_medloss.dice_sums_fwd(
+    if _legacy_schema():  # TEMPORARY until csrc/dice_sums.cpp takes the packed lists (no focal term there)
+        if codes[K.DICE_CODE_FOCAL]:
+            return _reference.dice_sums_fwd(logits, target, params, codes, scalars)
+        sums, extras = torch.ops.torch_medloss.dice_sums_fwd(
             logits, target, params[K.DICE_PARAM_GAMMA], params[K.DICE_PARAM_CE_WEIGHT],
             codes[K.DICE_CODE_ACTIVATION], bool(codes[K.DICE_CODE_TARGET_IS_LABELS]), codes[K.DICE_CODE_IGNORE_INDEX],
             codes[K.DICE_CODE_MASK_MODE], bool(codes[K.DICE_CODE_SQUARED]), bool(codes[K.DICE_CODE_WITH_CE]),
             scalars[K.DICE_SCALAR_LABEL_SMOOTHING])
+        return (torch.cat([sums, torch.zeros_like(sums[..., :1])], -1),
+                torch.cat([extras, torch.zeros_like(extras[:, :1])], -1))
     return torch.ops.torch_medloss.dice_sums_fwd(logits, target, params, codes, scalars)
 
 
@@ -101,8 +114,8 @@ def dice_loss_fwd_fake(logits, target, params, codes, scalars):
     check_op_inputs(logits, target, params, codes, scalars)
     batch, classes, _ = logits.shape
     dtype = _accumulator(logits)
-    return (logits.new_empty(K.dice_loss_shape(batch, classes, codes), dtype=dtype),
-            logits.new_empty((K.dice_coefficient_rows(batch, codes), K.DICE_NUM_COEFFICIENTS, classes), dtype=dtype))
+    return (logits.new_empty(K.dice_loss_shape(batch, classes, codes, logits.shape[2]), dtype=dtype),
+            logits.new_empty((batch, K.DICE_NUM_SUMS, classes + 1), dtype=dtype))
 
 
 def dice_loss_bwd_fake(grad_loss, coefficients, logits, target, params, codes, scalars):

@@ -51,7 +51,7 @@ def dice_sums_fwd(
     codes: list[int],
     scalars: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums (B, C, 4), extras (B, 3)) in float32 (float64 for float64 logits); differentiable in ``logits``."""
+    """(sums (B, C, 5), extras (B, 4)) in float32 (float64 for float64 logits); differentiable in ``logits``."""
     activation, target_is_labels = codes[K.DICE_CODE_ACTIVATION], codes[K.DICE_CODE_TARGET_IS_LABELS]
     ignore_index, mask_mode = codes[K.DICE_CODE_IGNORE_INDEX], codes[K.DICE_CODE_MASK_MODE]
     squared, with_ce = codes[K.DICE_CODE_SQUARED], codes[K.DICE_CODE_WITH_CE]
@@ -62,31 +62,23 @@ def dice_sums_fwd(
     num_classes = x.shape[1]
     p = _activate(x, activation)
     invalid = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+    y, w = _target_and_weight(x, target, codes)
     if target_is_labels:
         labels = target.long()
         in_range = (labels >= 0) & (labels < num_classes)
         ignored = (labels == ignore_index) if mask_mode == MASK_LABEL else torch.zeros_like(in_range)
         invalid = (~in_range & ~ignored).to(acc).sum(1)
-        w = (in_range & ~ignored).to(acc)
-        safe = torch.where(in_range, labels, torch.zeros_like(labels))
-        y = torch.nn.functional.one_hot(safe, num_classes).movedim(-1, 1).to(acc)
-    else:
-        y = target.to(acc)
-        if mask_mode == MASK_CHANNEL:
-            w = 1.0 - y[:, ignore_index]
-        elif mask_mode == MASK_SENTINEL:
-            w = (y.sum(1) > 0).to(acc)
-        else:
-            w = torch.ones_like(y[:, 0])
     p_w, y_w = p * w[:, None], y * w[:, None]
     m = (y_w - p_w.detach()).abs().pow(gamma.to(acc).view(1, -1, 1))  # pow(0, 0) = 1
     power = 2 if squared else 1
+    focal = focal_terms(x, y, w, params, codes, scalars)
     sums = torch.stack(
         [
             (m * p_w * y_w).sum(2),
             (m * p_w.pow(power)).sum(2),
             (m * y_w.pow(power)).sum(2),
             (m * (p_w - y_w).abs()).sum(2),
+            focal.sum(2),
         ],
         dim=2,
     )
@@ -111,7 +103,49 @@ def dice_sums_fwd(
             smoothed = cw * ((1 - eps) * y + eps / num_classes)
             ce_num = -torch.where(smoothed != 0, smoothed * log_q, zero).sum((1, 2))
             ce_den = torch.full_like(ce_num, float(y.shape[2]))
-    return sums, torch.stack([ce_num, ce_den, invalid], dim=1)
+    return sums, torch.stack([ce_num, ce_den, invalid, w.sum(1)], dim=1)
+
+
+def _target_and_weight(x: torch.Tensor, target: torch.Tensor, codes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, w): the target as (B, C, S) floats (one-hot of the in-range labels) and the pixel weight (B, S)."""
+    num_classes, acc = x.shape[1], x.dtype
+    ignore_index, mask_mode = codes[K.DICE_CODE_IGNORE_INDEX], codes[K.DICE_CODE_MASK_MODE]
+    if codes[K.DICE_CODE_TARGET_IS_LABELS]:
+        labels = target.long()
+        in_range = (labels >= 0) & (labels < num_classes)
+        ignored = (labels == ignore_index) if mask_mode == MASK_LABEL else torch.zeros_like(in_range)
+        safe = torch.where(in_range, labels, torch.zeros_like(labels))
+        return torch.nn.functional.one_hot(safe, num_classes).movedim(-1, 1).to(acc), (in_range & ~ignored).to(acc)
+    y = target.to(acc)
+    if mask_mode == MASK_CHANNEL:
+        return y, 1.0 - y[:, ignore_index]
+    if mask_mode == MASK_SENTINEL:
+        return y, (y.sum(1) > 0).to(acc)
+    return y, torch.ones_like(y[:, 0])
+
+
+def focal_terms(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, params: torch.Tensor, codes: list[int],
+                scalars: list[float]) -> torch.Tensor:
+    """MONAI's focal loss per (image, class, pixel), masked as MONAI masks it: the terms of (x w, y w), times w,
+    times the focal class weight; 0 for the left-out class 0 and without a focal term (torch_medloss.reference.focal
+    has the formulas)."""
+    from torch_medloss.reference.focal import sigmoid_focal_terms, softmax_focal_terms
+
+    mode = codes[K.DICE_CODE_FOCAL]
+    if mode == K.FOCAL_NONE:
+        return torch.zeros_like(x)
+    drop = codes[K.DICE_CODE_DROP_BACKGROUND]
+    x_w, y_w = (x * w[:, None])[:, drop:], (y * w[:, None])[:, drop:]
+    alpha = None
+    if codes[K.DICE_CODE_FOCAL_ALPHA] == K.ALPHA_SCALAR:
+        alpha = torch.tensor(scalars[K.DICE_SCALAR_FOCAL_ALPHA], dtype=x.dtype)
+    elif codes[K.DICE_CODE_FOCAL_ALPHA] == K.ALPHA_PER_CLASS:
+        alpha = params[K.DICE_PARAM_FOCAL_ALPHA, drop:]
+    gamma = scalars[K.DICE_SCALAR_FOCAL_GAMMA]
+    terms = softmax_focal_terms(x_w, y_w, gamma, alpha) if mode == K.FOCAL_SOFTMAX else \
+        sigmoid_focal_terms(x_w, y_w, gamma, alpha)
+    terms = terms * w[:, None] * params[K.DICE_PARAM_FOCAL_WEIGHT, drop:].to(terms).view(1, -1, 1)
+    return torch.cat([torch.zeros_like(x[:, :drop]), terms], dim=1)
 
 
 def dice_sums_bwd(
@@ -135,8 +169,17 @@ def dice_loss_fwd(
     codes: list[int],
     scalars: list[float],
 ) -> torch.Tensor:
-    """The dice_loss op's loss (shape _contract.dice_loss_shape): the sums, then the head of ``codes``."""
+    """The dice_loss op's loss (shape _contract.dice_loss_shape): the sums, then the head of ``codes``; the focal
+    term alone with reduction "none" is its (B, C', S) map."""
     sums, extras = dice_sums_fwd(logits, target, params, codes, scalars)
+    if codes[K.DICE_CODE_HEAD] == K.HEAD_NONE and codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE:
+        from torch_medloss.reference._common import poison
+
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        x = logits.to(acc)
+        y, w = _target_and_weight(x, target, codes)
+        terms = focal_terms(x, y, w, params, codes, scalars)[:, codes[K.DICE_CODE_DROP_BACKGROUND]:]
+        return poison(terms, extras[:, K.DICE_EXTRA_INVALID].sum() > 0)
     return loss_from_sums(sums, extras, params, codes, scalars)
 
 
@@ -189,11 +232,13 @@ def loss_from_sums(
         kept = kept.sum(0)
         if all_reduce is not None:
             kept = all_reduce(kept)
-    intersection, pred, ground, difference = kept.unbind(-1)
+    intersection, pred, ground, difference = kept[..., :K.DICE_SUM_F].unbind(-1)
     if codes[K.DICE_CODE_SOFT_INTERSECTION]:
         intersection = (pred + ground - difference) / 2  # MONAI's soft-label intersection
     head = codes[K.DICE_CODE_HEAD]
-    if head == K.HEAD_GENERALIZED:
+    if head == K.HEAD_NONE:
+        loss = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    elif head == K.HEAD_GENERALIZED:
         w_type = {K.W_TYPE_SQUARE: "square", K.W_TYPE_SIMPLE: "simple", K.W_TYPE_UNIFORM: "uniform"}[
             codes[K.DICE_CODE_W_TYPE]]
         f = formulas.generalized_dice_from_sums(intersection, pred, ground, w_type, bool(batch), nr, dr)
@@ -207,14 +252,36 @@ def loss_from_sums(
         if codes[K.DICE_CODE_HAS_WEIGHT]:
             f = f * params[K.DICE_PARAM_WEIGHT, drop:].to(f)
         loss = _reduce(f, reduction)
-    loss = scalars[K.DICE_SCALAR_LAMBDA_DICE] * loss if codes[K.DICE_CODE_WITH_CE] else loss
+    with_focal = codes[K.DICE_CODE_FOCAL] != K.FOCAL_NONE
+    if codes[K.DICE_CODE_WITH_CE] or with_focal:
+        loss = scalars[K.DICE_SCALAR_LAMBDA_DICE] * loss
     if codes[K.DICE_CODE_WITH_CE]:
         ce_total, ce_normalizer = extras[:, K.DICE_EXTRA_CE_NUM].sum(), extras[:, K.DICE_EXTRA_CE_DEN].sum()
         if all_reduce is not None:
             ce_total, ce_normalizer = all_reduce(ce_total), all_reduce(ce_normalizer)
         ce = ce_total if reduction == "sum" else ce_total / ce_normalizer
         loss = loss + scalars[K.DICE_SCALAR_LAMBDA_CE] * ce.to(loss.dtype)
+    if with_focal:
+        loss = loss + scalars[K.DICE_SCALAR_LAMBDA_FOCAL] * _focal_from_sums(sums, extras, codes, reduction,
+                                                                               all_reduce).to(loss.dtype)
     return poison(loss, extras[:, K.DICE_EXTRA_INVALID].sum() > 0)
+
+
+def _focal_from_sums(sums, extras, codes, reduction: str, all_reduce) -> torch.Tensor:
+    """MONAI FocalLoss's mean or sum from the per-(image, class) sums F and the valid pixels V of each image: "sum"
+    averages over space first (F / V), "mean" divides by the valid pixels with an ignore mask and by all elements
+    without one. MONAI clamps V at float32's eps only when it has a mask (else V is the pixel count)."""
+    focal = sums[:, codes[K.DICE_CODE_DROP_BACKGROUND]:, K.DICE_SUM_F]
+    valid = extras[:, K.DICE_EXTRA_VALID]
+    masked = bool(codes[K.DICE_CODE_FOCAL_MASK])
+    eps = torch.finfo(torch.float32).eps
+    if reduction == "sum":
+        total = (focal / (valid.clamp(min=eps) if masked else valid)[:, None]).sum()
+        return all_reduce(total) if all_reduce is not None else total
+    total, count = focal.sum(), valid.sum()
+    if all_reduce is not None:
+        total, count = all_reduce(total), all_reduce(count)
+    return total / (count.clamp(min=eps) if masked else count * focal.shape[1])
 
 
 def _reduce(f: torch.Tensor, reduction: str) -> torch.Tensor:
