@@ -148,7 +148,7 @@ def _fwd_one_input(
             x_rows = x_image + ih * stride_x_h + iw * stride_x_w
             w_tap = w_ptr + kh * stride_w_h + kw * stride_w_w + outs * stride_w_o
             # A while loop, not range() with a runtime bound: with numpy >= 2.4 the Triton 3.6 interpreter cannot
-            # use a runtime argument as a range bound (triton-lang/triton#9171), as in label_histogram.
+            # use a runtime argument as a range bound (triton-lang/triton#9171).
             c0 = 0
             while c0 < num_channels:
                 c = c0 + chans

@@ -181,7 +181,7 @@ def _dbce_masks_pass_kernel(
     one = tl.full([BLOCK_N], 1, dtype=tl.int64)
 
     # A while loop, not `for offset in range(0, pixels_per_program, BLOCK_N)`: with numpy >= 2.4 the Triton 3.6
-    # interpreter cannot use a runtime argument as a range bound (triton-lang/triton#9171), as in label_histogram.
+    # interpreter cannot use a runtime argument as a range bound (triton-lang/triton#9171).
     offset = 0
     while offset < pixels_per_program:
         pixels = first_pixel + offset + tl.arange(0, BLOCK_N)

@@ -201,7 +201,7 @@ def _frequency_split_fwd_kernel(
 
     # ------------------------------------------------------------------ 2. walk the planes
     # A while loop, not `for t in range(planes_per_program)`: with numpy >= 2.4 the Triton 3.6 interpreter cannot
-    # use a runtime argument as a range bound (triton-lang/triton#9171), as in label_histogram.
+    # use a runtime argument as a range bound (triton-lang/triton#9171).
     plane = tl.program_id(2).to(tl.int64) * planes_per_program
     last = tl.minimum(plane + planes_per_program, num_planes)
     while plane < last:

@@ -25,7 +25,7 @@ def make_loss(name: str, backend: str):
         return torch_medloss.BalancedCELoss(batch=True, backend=backend)
     cls = {"dice": torch_medloss.DiceLoss, "pm_dice": torch_medloss.PMDiceLoss,
            "generalized_dice": torch_medloss.GeneralizedDiceLoss, "tversky": torch_medloss.TverskyLoss,
-           "dice_ce": torch_medloss.DiceCELoss}[name]
+           "dice_ce": torch_medloss.DiceCELoss, "dice_focal": torch_medloss.DiceFocalLoss}[name]
     return cls(backend=backend, **OPTIONS)
 
 

@@ -7,20 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from torch_medloss import _extension
-from torch_medloss.functional import BACKENDS
+import backends
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-CPP = pytest.param("cpp", marks=pytest.mark.skipif(_extension.why_not_loaded(cuda=False) is not None,
-                                                     reason="the C++ extension is not built"))
 
 
-@pytest.mark.parametrize("backend", ["reference", CPP])
-@pytest.mark.parametrize("loss", ["dice", "pm_dice", "generalized_dice", "tversky", "dice_ce", "dbce", "balanced_ce"])
+# float64 (tight comparisons of the gradients DDP averages): the reference and the C++ kernels.
+@pytest.mark.parametrize("backend", backends.params("reference", "cpp"))
+@pytest.mark.parametrize("loss", ["dice", "pm_dice", "generalized_dice", "tversky", "dice_ce", "dice_focal", "dbce",
+                                  "balanced_ce"])
 def test_two_ranks_match_one_process(loss, backend, tmp_path):
-    op = {"balanced_ce": "dbce_loss", "dbce": "dbce_loss"}.get(loss, f"{loss}_loss")
-    if backend not in BACKENDS[op]:
-        pytest.skip(f"{op} has no {backend} backend yet")
+    backends.require(backend)
     result = subprocess.run([sys.executable, str(WORKER), loss, backend, str(tmp_path)], capture_output=True,
                             text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

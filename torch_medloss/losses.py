@@ -18,7 +18,6 @@ Extra keyword arguments on every loss:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch

@@ -1,11 +1,10 @@
-"""Functional forms of every loss and op: check the tensors, pick the backend (torch_medloss._backend), run the op.
+"""The Dice family's functional forms (Dice, PM Dice, generalized Dice, Tversky, Dice+CE, and with MONAI's focal term
+FocalLoss, DiceFocalLoss, GeneralizedDiceFocalLoss): one entry, ``dice_family``, from a checked options object.
 
-Each loss family has one entry that takes its checked options object (torch_medloss._options) and the tensors:
-``dice_family`` (Dice, PM Dice, generalized Dice, Tversky, Dice+CE), ``focal_family`` and ``dbce_family``. The loss
-modules call it with the options they checked at construction; the public functions below build the options from
-their (MONAI-named) arguments and call it too. Below the entry, the backend is the only thing that varies:
-"reference" runs the readable pure-PyTorch losses of torch_medloss.reference, any other the fused op of the
-family (torch_medloss.ops) on that backend's kernels.
+``dice_family`` checks the tensors, picks the backend (torch_medloss._backend) and runs either the readable
+references (backend "reference") or the family's one fused op, torch_medloss.ops.dice_sums.dice_loss (the sums and
+the loss head), with the codes/scalars/params of torch_medloss._contract. The loss modules call it with the options
+they checked at construction; the public functions build the options from their (MONAI-named) arguments.
 """
 
 from __future__ import annotations
@@ -19,31 +18,22 @@ from torch import Tensor
 from torch_medloss import _backend, _distributed
 from torch_medloss import _contract as K
 from torch_medloss import _validation as v
-from torch_medloss._options import DBCEOptions, DiceOptions, as_tensor
-from torch_medloss.concat_conv import concat_conv2d
-from torch_medloss.frequency_split import frequency_split
-from torch_medloss.label_histogram import label_histogram
+from torch_medloss._options import DiceOptions, as_tensor
+from torch_medloss.ops import dice_sums as op
 
 __all__ = [
-    "balanced_ce_loss",
-    "concat_conv2d",
-    "dbce_loss",
     "dice_ce_loss",
+    "dice_family",
     "dice_focal_loss",
     "dice_loss",
-    "dilated_class_weights",
     "focal_loss",
-    "frequency_split",
     "generalized_dice_focal_loss",
     "generalized_dice_loss",
-    "label_histogram",
     "pm_dice_loss",
     "tversky_loss",
 ]
 
 FUSED = ("triton", "cuda", "cpp", "reference")
-
-# ==================================================================================================== Dice family
 
 _ACTIVATIONS = {"sigmoid": K.ACTIVATION_SIGMOID, "softmax": K.ACTIVATION_SOFTMAX}
 _HEADS = {"dice": K.HEAD_DICE, "generalized": K.HEAD_GENERALIZED, "tversky": K.HEAD_TVERSKY, "none": K.HEAD_NONE}
@@ -70,8 +60,6 @@ def dice_family(input: Tensor, target: Tensor, options: DiceOptions) -> Tensor:
     accumulator = torch.float64 if input.dtype == torch.float64 else torch.float32
     params = options.params(num_classes, codes[K.DICE_CODE_DROP_BACKGROUND], input.device, accumulator)
     logits = input.flatten(2) if input.ndim > 2 else input.unsqueeze(2)
-
-    from torch_medloss.ops import dice_sums as op
 
     if _distributed.active(options.distributed, options.batch):
         # Batch sums over the ranks first: the one call that stops between the sums and the head.
@@ -176,6 +164,7 @@ def _dice_output(loss: Tensor, input: Tensor, target: Tensor, codes: list[int], 
 def _dice_reference(input: Tensor, target: Tensor, o: DiceOptions) -> Tensor:
     from torch_medloss.reference import dice as reference
     from torch_medloss.reference.dice_ce import dice_ce_loss
+    from torch_medloss.reference.dice_focal import dice_focal_loss, generalized_dice_focal_loss
     from torch_medloss.reference.focal import focal_loss
 
     labels = o.to_onehot_y and input.shape[1] > 1 and not target.is_floating_point()
@@ -184,15 +173,19 @@ def _dice_reference(input: Tensor, target: Tensor, o: DiceOptions) -> Tensor:
     common = {"include_background": o.include_background, "to_onehot_y": o.to_onehot_y, "sigmoid": o.sigmoid,
               "softmax": o.softmax, "other_act": o.other_act, "reduction": o.reduction, "smooth_nr": o.smooth_nr,
               "smooth_dr": o.smooth_dr, "batch": o.batch, "validate": o.validate, "distributed": o.distributed}
+    if o.focal is not None and o.head == "none":
+        return focal_loss(input, target, include_background=o.include_background, to_onehot_y=o.to_onehot_y,
+                          gamma=o.focal_gamma, alpha=as_tensor(o.focal_alpha), weight=as_tensor(o.focal_weight),
+                          reduction=o.reduction, use_softmax=o.focal == "softmax", ignore_index=o.ignore_index,
+                          validate=o.validate)
+    if o.focal is not None and o.head == "generalized":
+        return generalized_dice_focal_loss(input, target, w_type=o.w_type, gamma=o.focal_gamma,
+                                           weight=as_tensor(o.focal_weight), lambda_gdl=o.lambda_dice,
+                                           lambda_focal=o.lambda_focal, **common)
     if o.focal is not None:
-        focal = focal_loss(input, target, include_background=o.include_background, to_onehot_y=o.to_onehot_y,
-                           gamma=o.focal_gamma, alpha=as_tensor(o.focal_alpha), weight=as_tensor(o.focal_weight),
-                           reduction=o.reduction, use_softmax=o.focal == "softmax", ignore_index=o.ignore_index,
-                           validate=o.validate)
-        if o.head == "none":
-            return focal
-        dice = _dice_reference(input, target, DiceOptions(**{**_fields(o), "focal": None}))
-        return o.lambda_dice * dice + o.lambda_focal * focal
+        return dice_focal_loss(input, target, squared_pred=o.squared_pred, jaccard=o.jaccard, gamma=o.focal_gamma,
+                               weight=as_tensor(o.weight), lambda_dice=o.lambda_dice, lambda_focal=o.lambda_focal,
+                               alpha=as_tensor(o.focal_alpha), **common)
     if o.with_ce:
         return dice_ce_loss(input, target, squared_pred=o.squared_pred, jaccard=o.jaccard, weight=as_tensor(o.weight),
                             lambda_dice=o.lambda_dice, lambda_ce=o.lambda_ce, label_smoothing=o.label_smoothing,
@@ -205,12 +198,6 @@ def _dice_reference(input: Tensor, target: Tensor, o: DiceOptions) -> Tensor:
     return reference.pm_dice_loss(input, target, gamma=as_tensor(o.gamma), squared_pred=o.squared_pred,
                                   jaccard=o.jaccard, weight=as_tensor(o.weight), soft_label=o.soft_label,
                                   ignore_index=o.ignore_index, **common)
-
-
-def _fields(options) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if not f.name.startswith("_")}
 
 
 def dice_loss(
@@ -359,7 +346,6 @@ def dice_ce_loss(
         label_smoothing=label_smoothing, backend=backend, validate=validate, distributed=distributed))
 
 
-# ========================================================================================================= focal
 
 
 def focal_loss(
@@ -445,110 +431,3 @@ def generalized_dice_focal_loss(
         reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, w_type=w_type,
         lambda_dice=lambda_gdl, focal="sigmoid", focal_gamma=gamma, focal_weight=weight, lambda_focal=lambda_focal,
         backend=backend, validate=validate, distributed=distributed))
-
-
-# ========================================================================================================== DBCE
-
-
-def dbce_family(input: Tensor, target: Tensor, options: DBCEOptions) -> Tensor:
-    """DBCE and balanced cross entropy from their checked options."""
-    from torch_medloss.ops import dbce as op
-    from torch_medloss.reference import dbce as reference
-
-    v.check_logits(input)
-    labels = v.check_dbce_labels(input, target, options.ignore_index, options.validate)
-    _check_spacing(options.spacing, labels.ndim - 1)
-    blocker = op.fusion_blocker(input, labels)
-    backend = _backend.resolve("dbce_loss", options.backend, input.device, FUSED, blocker)
-    kwargs = {"radius": options.radius, "element": options.element, "spacing": options.spacing,
-              "batch": options.batch, "ignore_index": options.ignore_index, "reduction": options.reduction,
-              "distributed": options.distributed}
-    if backend == "reference":
-        if not v.holds(labels.dtype, options.ignore_index):
-            labels = labels.long()  # compare values, not wrapped bits, as the fused kernels do
-        return reference.dbce_loss(input, labels, **kwargs)
-    return op.dbce_loss(input, labels, backend=backend, **kwargs)
-
-
-def _check_spacing(spacing: tuple[float, ...] | None, spatial_ndim: int) -> None:
-    if spacing is not None and len(spacing) != spatial_ndim:
-        raise ValueError(f"spacing must have one voxel size per spatial dim ({spatial_ndim}), got {spacing}.")
-
-
-def dbce_loss(
-    input: Tensor,
-    target: Tensor,
-    radius: float = 3.0,
-    element: str = "ball",
-    spacing: Sequence[float] | None = None,
-    batch: bool = False,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    backend: str = "auto",
-    validate: bool = False,
-    distributed: str = "auto",
-) -> Tensor:
-    """Functional :class:`torch_medloss.DBCELoss`."""
-    return dbce_family(input, target, DBCEOptions(radius, element, spacing, batch, ignore_index, reduction, backend,
-                                                  validate, distributed))
-
-
-def balanced_ce_loss(
-    input: Tensor,
-    target: Tensor,
-    batch: bool = False,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    backend: str = "auto",
-    validate: bool = False,
-    distributed: str = "auto",
-) -> Tensor:
-    """Functional :class:`torch_medloss.BalancedCELoss`: DBCE with radius 0 (inverse class frequency weights)."""
-    return dbce_family(input, target, DBCEOptions(0.0, "ball", None, batch, ignore_index, reduction, backend,
-                                                  validate, distributed))
-
-
-def dilated_class_weights(
-    labels: Tensor,
-    num_classes: int,
-    radius: float,
-    element: str = "ball",
-    spacing: Sequence[float] | None = None,
-    batch: bool = False,
-    ignore_index: int = -100,
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """DBCE's weights for labels (B, *S): ``(pixel_weights, class_weights, dilated_areas)``.
-
-    Returns:
-        pixel_weights: float32 (B, *S), 0 at ignored pixels.
-        class_weights: float32 (B, C), or (C,) with ``batch=True``; 0 for classes absent from the unit.
-        dilated_areas: int64 A_c with the shape of ``class_weights``.
-
-    Raises:
-        TypeError: non-integer labels or num_classes. ValueError: num_classes < 1, labels outside
-        [0, num_classes) other than ``ignore_index`` (always checked: this function's result is read on the host
-        anyway).
-    """
-    from torch_medloss.ops import dbce as op
-    from torch_medloss.reference import dbce as reference
-
-    options = DBCEOptions(radius, element, spacing, batch, ignore_index, "mean", backend, True)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} ({num_classes!r}).")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")  # as label_histogram
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
-    if labels.ndim < 2:
-        raise ValueError(f"labels must have shape (B, *S) with at least one spatial dim, got {tuple(labels.shape)}.")
-    v.check_label_map(labels, num_classes, options.ignore_index, True, name="labels")
-    _check_spacing(options.spacing, labels.ndim - 1)
-    args = (num_classes, options.radius, options.element, options.spacing, options.batch, options.ignore_index)
-    blocker = op.fusion_blocker(labels.new_empty((1, num_classes) + (1,) * (labels.ndim - 1)), labels)
-    backend = _backend.resolve("dilated_class_weights", options.backend, labels.device, FUSED, blocker)
-    if backend == "reference":
-        if not v.holds(labels.dtype, options.ignore_index):
-            labels = labels.long()
-        return reference.dilated_class_weights(labels, *args)
-    return op.dilated_class_weights(labels, *args, backend=backend)
