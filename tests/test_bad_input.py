@@ -1,5 +1,6 @@
 """Bad input raises TypeError/ValueError naming the argument; NaN logits propagate; unchecked bad labels give NaN."""
 
+import backends
 import pytest
 import torch
 
@@ -30,14 +31,16 @@ LABELS = torch.arange(32).remainder(3).view(2, 1, 4, 4)  # every class present, 
         (lambda: torch_medloss.DiceCELoss(reduction="none"), ValueError,
          r"reduction must be one of \('mean', 'sum'\)"),
         (lambda: torch_medloss.DiceCELoss(lambda_ce=-1.0), ValueError, "lambda_ce must be a finite number >= 0"),
-        (lambda: torch_medloss.DiceCELoss(label_smoothing=1.5), ValueError, r"label_smoothing must be a finite number >= 0 and <= 1"),
+        (lambda: torch_medloss.DiceCELoss(label_smoothing=1.5), ValueError,
+         r"label_smoothing must be a finite number >= 0 and <= 1"),
         (lambda: torch_medloss.FocalLoss(gamma=-2.0), ValueError, "gamma must be a finite number >= 0"),
         (lambda: torch_medloss.FocalLoss(alpha=1.5), ValueError, "alpha must be finite and >= 0 and <= 1"),
         (lambda: torch_medloss.DBCELoss(radius=-1.0), ValueError, "radius must be a finite number >= 0"),
         (lambda: torch_medloss.DBCELoss(spacing=(1.0, -1.0)), ValueError, "spacing must be a finite number > 0"),
         (lambda: torch_medloss.DBCELoss(spacing=(1.0, 0.0)), ValueError, "spacing must be a finite number > 0"),
         # no NaN, infinite or negative smoothing, Tversky weights or lambdas (issue 13 item 10)
-        (lambda: torch_medloss.DiceLoss(smooth_nr=float("nan")), ValueError, "smooth_nr must be a finite number >= 0"),
+        (lambda: torch_medloss.DiceLoss(smooth_nr=float("nan")), ValueError,
+         "smooth_nr must be a finite number >= 0"),
         (lambda: torch_medloss.DiceLoss(smooth_dr=-1e-5), ValueError, "smooth_dr must be a finite number >= 0"),
         (lambda: torch_medloss.DiceLoss(smooth_dr=float("inf")), ValueError, "smooth_dr must be a finite number"),
         (lambda: torch_medloss.TverskyLoss(alpha=float("nan")), ValueError, "alpha must be a finite number >= 0"),
@@ -76,7 +79,8 @@ def test_bad_options(make, error, match):
         (lambda: F.dice_loss(LABELS.repeat(1, 3, 1, 1), LABELS, to_onehot_y=True), TypeError,
          "input must be a floating-point tensor"),
         (lambda: F.dbce_loss(LABELS.repeat(1, 3, 1, 1), LABELS), TypeError, "input must be a floating-point tensor"),
-        (lambda: F.dice_loss(LOGITS[0, 0, 0], LABELS), ValueError, r"input must have shape \(B, C\) or \(B, C, \*spatial\)"),
+        (lambda: F.dice_loss(LOGITS[0, 0, 0], LABELS), ValueError,
+         r"input must have shape \(B, C\) or \(B, C, \*spatial\)"),
         (lambda: F.dbce_loss(LOGITS[:, :, 0, 0], LABELS[:, 0, 0]), ValueError,
          r"input must have shape \(B, C, \*spatial\) with at least one spatial dim"),
         # batch or spatial shape mismatch
@@ -160,3 +164,57 @@ def test_unchecked_bad_labels_give_nan(loss, monkeypatch):
 def test_validate_flag_is_accepted_and_checks():
     with pytest.raises(ValueError, match="outside"):
         torch_medloss.DiceLoss(to_onehot_y=True, validate=True)(LOGITS, LABELS + 5)
+
+
+# --------------------------------------------------------------------------------------------- issue 13's findings
+
+
+def test_target_that_requires_grad_gets_its_gradient():
+    """A soft target that requires grad: the fused kernels give the logits' gradient only, so "auto" runs the
+    reference (with one warning) and a named fused backend refuses; the target's gradient is never dropped."""
+    backends.require("cpp")  # "auto" must have a fused backend to fall back from
+    logits = torch.randn(2, 3, 5, 5, requires_grad=True)
+    target = torch.softmax(torch.randn(2, 3, 5, 5), 1).requires_grad_()
+    expected = torch.autograd.grad(F.dice_loss(logits, target, softmax=True, backend="reference"), target)[0]
+    loss = torch_medloss.DiceLoss(softmax=True)
+    with pytest.warns(UserWarning, match="the target requires grad"):
+        value = loss(logits, target)
+    (grad,) = torch.autograd.grad(value, target)
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(ValueError, match="backend='cpp' cannot run dice_loss: the target requires grad"):
+        F.dice_loss(logits, target, softmax=True, backend="cpp")
+
+
+@pytest.mark.parametrize("dtype, ignore_index, stored", [
+    (torch.uint8, -1, 255), (torch.uint8, -100, 156), (torch.int8, 255, -1), (torch.int16, 40000, -25536),
+], ids=str)
+def test_ignore_index_the_label_dtype_cannot_hold_matches_no_label(dtype, ignore_index, stored):
+    """Labels compare with ignore_index as integers, never through a wrapped copy (uint8's 255 is not -1): a label
+    whose bits equal the wrapped ignore_index is an out-of-range label, on every backend, reference included."""
+    labels = LABELS.clone().to(dtype)
+    labels[0, 0, 0, 0] = stored
+    for call in (lambda b: F.dice_loss(LOGITS, labels, to_onehot_y=True, ignore_index=ignore_index, backend=b),
+                 lambda b: F.dbce_loss(LOGITS, labels, ignore_index=ignore_index, backend=b),
+                 lambda b: F.dilated_class_weights(labels[:, 0], 3, 1.0, ignore_index=ignore_index, backend=b)):
+        for backend in ("reference", "auto"):
+            with pytest.raises(ValueError, match=f"outside \\[0, 3\\) or ignore_index={ignore_index}: \\[{stored}\\]"):
+                call(backend)
+
+
+def test_float64_on_the_triton_backend_is_refused_by_the_dispatcher():
+    with pytest.raises(ValueError, match="backend='triton' cannot run dice_loss: float64 logits are fused by the C"):
+        F.dice_loss(LOGITS.double(), LABELS, to_onehot_y=True, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' cannot run dbce_loss: float64 logits are fused by the C"):
+        F.dbce_loss(LOGITS.double(), LABELS, backend="triton")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction):
+    """Batch size 0: the fused DBCE and balanced CE give what the reference gives (no reshape error)."""
+    logits, labels = LOGITS[:0], LABELS[:0]
+    for loss in (F.dbce_loss, F.balanced_ce_loss):
+        expected = loss(logits, labels, reduction=reduction, backend="reference")
+        for backend in ("auto", "triton"):
+            value = loss(logits, labels, reduction=reduction, backend=backend)
+            assert value.shape == expected.shape
+            torch.testing.assert_close(value, expected.to(value.dtype))

@@ -3,6 +3,7 @@
 import itertools
 import warnings
 
+import backends
 import monai.losses
 import pytest
 import torch
@@ -295,3 +296,104 @@ def test_module_moves_buffers_and_keeps_monai_names():
     assert "class_weight" in dict(loss.named_buffers())
     assert loss.to(torch.float64).class_weight.dtype == torch.float64
     assert loss.reduction == "mean" and loss.include_background is True
+
+
+# ------------------------------------------------------------------------------ the focal family (issue 13, 18-19)
+
+DICE_FOCAL_GRID = [
+    dict(**act, squared_pred=sq, batch=batch, include_background=bg, reduction=red, gamma=gamma)
+    for act, sq, batch, bg, red, gamma in itertools.product(
+        ACTIVATIONS[:2], [False, True], [False, True], [True, False], ["mean", "sum"], [2.0, 0.5])
+    if not (sq and gamma == 0.5)
+] + [
+    dict(softmax=True, weight=[0.5, 1.0, 2.0, 1.5], alpha=0.25, lambda_dice=0.3, lambda_focal=2.0),
+    dict(sigmoid=True, jaccard=True, weight=2.0, reduction="none"),
+]
+
+
+@pytest.mark.parametrize("kwargs", DICE_FOCAL_GRID, ids=str)
+def test_dice_focal_grid(kwargs, backend):
+    # MONAI's focal part computes in float32 whatever the input: parity in float32.
+    check(torch_medloss.DiceFocalLoss, monai.losses.DiceFocalLoss, {"to_onehot_y": True, **kwargs}, "2d",
+          torch.float32, backend)
+
+
+GENERALIZED_DICE_FOCAL_GRID = [
+    dict(**act, batch=batch, include_background=bg, reduction=red, w_type=w_type)
+    for act, batch, bg, red, w_type in itertools.product(
+        ACTIVATIONS[:2], [False, True], [True, False], ["mean", "sum"], ["square", "simple"])
+] + [dict(softmax=True, weight=[0.5, 1.0, 2.0, 1.5], gamma=1.0, lambda_gdl=0.5, lambda_focal=3.0)]
+
+
+@pytest.mark.parametrize("kwargs", GENERALIZED_DICE_FOCAL_GRID, ids=str)
+def test_generalized_dice_focal_grid(kwargs, backend):
+    check(torch_medloss.GeneralizedDiceFocalLoss, monai.losses.GeneralizedDiceFocalLoss,
+          {"to_onehot_y": True, **kwargs}, "3d", torch.float32, backend)
+
+
+# ---------------------------------------------------------------------------- MONAI's (B, C) inputs (issue 13, 15)
+
+
+def test_classification_focal_loss_equals_bce_with_gamma_zero(backend):
+    """MONAI's own classification-style example: (B, C) logits, gamma 0, is BCE-with-logits."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.rand(128, 10, generator=generator)
+    labels = torch.randint(0, 10, (128, 1), generator=generator)
+    ours = torch_medloss.FocalLoss(to_onehot_y=True, gamma=0.0, backend=backend)(logits, labels)
+    theirs = monai.losses.FocalLoss(to_onehot_y=True, gamma=0.0)(logits, labels)
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 10).float()
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours, torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot))
+
+
+@pytest.mark.parametrize("ours_cls, monai_cls, kwargs", [
+    (torch_medloss.DiceLoss, monai.losses.DiceLoss, {"softmax": True}),
+    (torch_medloss.DiceLoss, monai.losses.DiceLoss, {"sigmoid": True, "reduction": "none", "batch": True}),
+    (torch_medloss.TverskyLoss, monai.losses.TverskyLoss, {"softmax": True, "alpha": 0.3, "beta": 0.7}),
+    (torch_medloss.DiceCELoss, monai.losses.DiceCELoss, {"softmax": True}),
+    (torch_medloss.FocalLoss, monai.losses.FocalLoss, {"use_softmax": True, "reduction": "sum"}),
+], ids=lambda value: getattr(value, "__name__", str(value)))
+def test_inputs_without_spatial_dims(ours_cls, monai_cls, kwargs, backend):
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.randint(0, 4, (6, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_same_loss(ours_cls(to_onehot_y=True, backend=backend, **kwargs), monai_cls(to_onehot_y=True, **kwargs),
+                         logits, labels, 1e-6, 1e-9)
+
+
+def test_float64_target_promotes_the_loss(backend):
+    """float32 logits with a float64 one-hot target: MONAI's products promote to float64, so does ours (item 9)."""
+    logits = torch.randn(2, 3, 5, 5)
+    target = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 5, 5)), 3).movedim(-1, 1).double()
+    for ours_cls, monai_cls in ((torch_medloss.DiceLoss, monai.losses.DiceLoss),
+                                (torch_medloss.TverskyLoss, monai.losses.TverskyLoss)):
+        ours = ours_cls(softmax=True, backend=backend)(logits, target)
+        theirs = monai_cls(softmax=True)(logits, target)
+        assert ours.dtype == theirs.dtype == torch.float64
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------- the Triton kernels, through the interpreter
+
+
+@pytest.mark.parametrize("ours_cls, monai_cls, kwargs", [
+    (torch_medloss.DiceLoss, monai.losses.DiceLoss, {"softmax": True, "batch": True}),
+    (torch_medloss.DiceLoss, monai.losses.DiceLoss, {"sigmoid": True, "reduction": "none", "squared_pred": True}),
+    (torch_medloss.GeneralizedDiceLoss, monai.losses.GeneralizedDiceLoss, {"softmax": True, "w_type": "simple"}),
+    (torch_medloss.TverskyLoss, monai.losses.TverskyLoss, {"softmax": True, "include_background": False}),
+    (torch_medloss.DiceCELoss, monai.losses.DiceCELoss, {"softmax": True, "label_smoothing": 0.1}),
+    (torch_medloss.FocalLoss, monai.losses.FocalLoss, {"use_softmax": True, "alpha": 0.25}),
+    (torch_medloss.FocalLoss, monai.losses.FocalLoss, {"ignore_index": 2, "reduction": "none"}),
+    (torch_medloss.DiceFocalLoss, monai.losses.DiceFocalLoss, {"softmax": True, "weight": [1.0, 2.0, 1.0, 0.5]}),
+    (torch_medloss.GeneralizedDiceFocalLoss, monai.losses.GeneralizedDiceFocalLoss, {"sigmoid": True}),
+], ids=lambda value: getattr(value, "__name__", str(value)))
+@pytest.mark.parametrize("triton_backend", backends.params("triton"))
+def test_triton_matches_monai(ours_cls, monai_cls, kwargs, triton_backend):
+    logits, labels = make_case(SHAPES["3d"], torch.float32, onehot=False)
+    device = backends.device("triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = ours_cls(to_onehot_y=True, backend="triton", **kwargs)
+        assert_same_loss(lambda x, y: ours(x.to(device), y.to(device)).cpu(), monai_cls(to_onehot_y=True, **kwargs),
+                         logits, labels, 1e-5, 1e-6)

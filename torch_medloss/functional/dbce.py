@@ -27,7 +27,7 @@ def dbce_family(input: Tensor, target: Tensor, options: DBCEOptions) -> Tensor:
     v.check_logits(input)
     labels = v.check_dbce_labels(input, target, options.ignore_index, options.validate)
     _check_spacing(options.spacing, labels.ndim - 1)
-    blocker = op.fusion_blocker(input, labels)
+    blocker = op.fusion_blocker(input, labels, options.backend)
     backend = _backend.resolve("dbce_loss", options.backend, input.device, FUSED, blocker)
     kwargs = {"radius": options.radius, "element": options.element, "spacing": options.spacing,
               "batch": options.batch, "ignore_index": options.ignore_index, "reduction": options.reduction,

@@ -77,8 +77,8 @@ def _dice_blocker(input: Tensor, target: Tensor, o: DiceOptions) -> str | None:
     num_classes = input.shape[1]
     if num_classes > K.DICE_MAX_CLASSES:
         return f"{num_classes} classes is more than the fused kernels' {K.DICE_MAX_CLASSES}"
-    if input.dtype == torch.float64 and input.device.type != "cpu":
-        return "float64 logits are fused on the CPU only"
+    if input.dtype == torch.float64 and (input.device.type != "cpu" or o.backend == "triton"):
+        return "float64 logits are fused by the C++ CPU kernels only (Triton and CUDA take float32, bfloat16, float16)"
     if o.with_ce and num_classes == 1:
         return "single-channel Dice+CE uses binary cross entropy, which is not fused"
     labels = o.to_onehot_y and num_classes > 1

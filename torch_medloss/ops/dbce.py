@@ -30,15 +30,15 @@ _ELEMENTS = {"ball": K.ELEMENT_BALL, "cube": K.ELEMENT_CUBE}
 _REDUCTIONS = {"mean": K.REDUCTION_MEAN, "sum": K.REDUCTION_SUM, "none": K.REDUCTION_NONE}
 
 
-def fusion_blocker(input: Tensor, labels: object) -> str | None:
-    """Why these tensors cannot run on the fused kernels, or None."""
+def fusion_blocker(input: Tensor, labels: object, backend: str = "auto") -> str | None:
+    """Why these tensors cannot run on the fused kernels (or on the named ``backend``), or None."""
     num_classes = input.shape[1] if input.ndim >= 2 else 0
     if num_classes > K.MAX_MASK_CLASSES:
         return f"{num_classes} classes do not fit the {K.MAX_MASK_CLASSES}-bit class masks"
     if input.ndim - 2 > 3:
         return f"{input.ndim - 2} spatial dims; the fused kernels take 1 to 3"
-    if input.dtype == torch.float64 and input.device.type != "cpu":
-        return "float64 logits are fused on the CPU only"
+    if input.dtype == torch.float64 and (input.device.type != "cpu" or backend == "triton"):
+        return "float64 logits are fused by the C++ CPU kernels only (Triton and CUDA take float32, bfloat16, float16)"
     return None
 
 

@@ -37,7 +37,9 @@ def activate(input: torch.Tensor, sigmoid: bool, softmax: bool, other_act: Calla
 def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, *S) class indices, all in [0, num_classes), to a (B, num_classes, *S) one-hot tensor."""
     encoded = F.one_hot(labels[:, 0].long(), num_classes)  # (B, *S, C)
-    return encoded.movedim(-1, 1).to(dtype)
+    # Contiguous (B, C, *S), as MONAI's scatter-made one-hot: a channels-last view would make the elementwise
+    # products follow its strides, and sums over them add in another order (1 ulp apart from MONAI's).
+    return encoded.movedim(-1, 1).to(dtype).contiguous()
 
 
 def ignore_mask(original_target: torch.Tensor, ignore_index: int | None, dtype: torch.dtype) -> torch.Tensor | None:
