@@ -83,3 +83,17 @@ def test_gamma_changes_the_loss_and_weighs_hard_pixels():
     y = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)
     values = [torch_medloss.PMDiceLoss(gamma=g, include_background=False)(p, y).item() for g in (0.0, 1.0, 2.0)]
     assert values[0] < values[1] < values[2]
+
+
+@pytest.mark.parametrize("squared_pred", [False, True])
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("soft_label", [False, True])
+def test_gamma_zero_is_bitwise_dice_on_the_reference(squared_pred, batch, soft_label):
+    """0^0 = 1: PM Dice with gamma 0 is DiceLoss bit for bit, the references included (issue 13 item 13: the
+    channels-last one-hot of the reference once summed in another order)."""
+    logits = torch.randn(2, 3, 7, 5)
+    labels = torch.randint(0, 3, (2, 1, 7, 5))
+    options = dict(squared_pred=squared_pred, batch=batch, soft_label=soft_label, to_onehot_y=True, softmax=True,
+                   backend="reference")
+    pm = torch_medloss.PMDiceLoss(gamma=0.0, **options)(logits, labels)
+    assert torch.equal(pm, torch_medloss.DiceLoss(**options)(logits, labels))

@@ -24,7 +24,7 @@ import torch
 
 from torch_medloss import _contract as K
 from torch_medloss._contract import ELEMENT_BALL, ELEMENT_CUBE, MAX_MASK_CLASSES  # noqa: F401  (re-exported)
-from torch_medloss.reference.dbce import class_weights_from_sums, dilate, reduce_weighted, structuring_element
+from torch_medloss.reference.dbce import _element_within, class_weights_from_sums, dilate, reduce_weighted
 
 _MASK_DTYPES = ((8, torch.uint8), (16, torch.int16), (32, torch.int32), (64, torch.int64))
 
@@ -48,7 +48,9 @@ def dbce_masks(
     valid = in_range & ~ignored
     classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1, 1)
     members = (wide.unsqueeze(1) == classes) & valid.unsqueeze(1)
-    offsets = structuring_element(radius, "ball" if element == ELEMENT_BALL else "cube", tuple(spacing))
+    # The element clamped to the image (as the kernels): its cost stays bounded by the image for any radius.
+    offsets = _element_within(radius, "ball" if element == ELEMENT_BALL else "cube", tuple(spacing),
+                              tuple(labels.shape[1:]))
     dilated = dilate(members, offsets.to(labels.device)) & valid.unsqueeze(1)
     bits = torch.ones((), dtype=torch.int64, device=labels.device) << torch.arange(num_classes, device=labels.device)
     masks = (dilated.long() * bits.view(1, -1, 1, 1, 1)).sum(1)  # disjoint bits: the sum is the OR
