@@ -8,10 +8,10 @@ Limits (issue 12, point 1): forward and backward together, at most 3 launches fo
 and 4 for DBCE and balanced CE, plus at most 2 other ops that launch work (autograd's ones_like is one of them).
 """
 
+import backends
 import pytest
 import torch
 
-import backends
 import torch_medloss
 from torch_medloss import _validation
 from torch_medloss.bench.host_cost import loss_host_cost
