@@ -9,6 +9,7 @@ Commands:
         scikit-image's photographs and print PSNR/SSIM tables (see torch_medloss.denoise).
     segdemo: train a small U-Net on the MNI152 template's tissue classes plus synthetic lesions with each loss and
         compare Dice, lesion F1 and HD95 (see torch_medloss.segdemo).
+    nnunet: path|install|uninstall, make nnU-Net v2 find torch_medloss's trainers (see torch_medloss.nnunet).
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     bench_cli.add_arguments(bench)
     bench.set_defaults(run=_bench)
 
-    # The study commands: their modules import their data packages (scikit-image, nilearn) only when they run.
+    # The study commands and nnunet: their modules import their packages (scikit-image, nilearn, nnunetv2) only
+    # when they run.
     for name, summary in (("denoise", "train and evaluate the denoisers on scikit-image's photographs"),
-                          ("segdemo", "compare the losses on MNI152 brain tissue with synthetic lesions")):
+                          ("segdemo", "compare the losses on MNI152 brain tissue with synthetic lesions"),
+                          ("nnunet", "make nnU-Net v2 find the torch_medloss trainers: path, install, uninstall")):
         module = importlib.import_module(f"torch_medloss.{name}.cli")
         command = commands.add_parser(name, help=summary, description=module.DESCRIPTION)
         module.add_arguments(command)
