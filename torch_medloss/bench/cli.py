@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {', '.join(_workloads.LOSSES)} (default: all)")
     parser.add_argument("--providers", type=_workloads.parse_providers, metavar="IMPLS",
                         help="comma-separated, from fused, " + ", ".join(_workloads.PROVIDERS)
-                        + " (default: the device's fused backends, eager, compiled, monai, nnunet)")
+                        + " (default: the device's fused backends, eager, compiled, monai, nnunet, and on a GPU "
+                        "nnunet_compiled)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto (default): cuda when available")
     parser.add_argument("--json", metavar="PATH", help="write every figure, the machine and the versions as JSON")

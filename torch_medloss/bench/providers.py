@@ -1,8 +1,10 @@
 """One setup function per implementation ("provider"). Each returns the loss module to time, or raises
 ``Unavailable`` with the reason it cannot run here, which the table prints in place of a time.
 
-Baselines are imported, never rewritten: MONAI's DiceLoss and DiceCELoss, and nnU-Net v2's
-MemoryEfficientSoftDiceLoss (batch Dice with background, smooth 1, its own defaults otherwise).
+Baselines are imported, never rewritten: MONAI's DiceLoss and DiceCELoss, and nnU-Net v2's MemoryEfficientSoftDiceLoss
+(Dice) and DC_and_CE_loss (Dice+CE), set to the benchmark's losses (batch Dice with background, softmax, smooth
+1e-5): nnU-Net's Dice+CE value is ours minus 1 (it reports -Dice). "nnunet_compiled" compiles them as nnU-Net's
+trainer does on a GPU (``loss.dc = torch.compile(loss.dc)``; nnU-Net does not compile on a CPU).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ LABELS = {
     "eager": "reference eager",
     "compiled": "reference compiled",
     "monai": "MONAI",
-    "nnunet": "nnU-Net MemoryEfficientSoftDiceLoss",
+    "nnunet": "nnU-Net eager",
+    "nnunet_compiled": "nnU-Net compiled",
 }
+
+# Providers that compile: dynamo is reset after each of their cells, and a first-call failure reads "compile failed".
+COMPILED = ("compiled", "nnunet_compiled")
 
 
 class Unavailable(Exception):
@@ -81,14 +87,29 @@ def _softmax_classes(x: torch.Tensor) -> torch.Tensor:
 def _nnunet(loss: str, device: torch.device, quick: bool) -> torch.nn.Module:
     if importlib.util.find_spec("nnunetv2") is None:
         raise Unavailable("nnunetv2 not installed")
-    if loss != "dice":
+    if loss not in ("dice", "dice_ce"):
         raise Unavailable("no nnU-Net equivalent")
     try:
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
         from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken install (e.g. its torchvision) is a reason, not a crash
         raise Unavailable(f"nnunetv2 import failed: {exc}") from None
-    return MemoryEfficientSoftDiceLoss(apply_nonlin=_softmax_classes, batch_dice=True, do_bg=True, smooth=1.0,
-                                       ddp=False)
+    dice = {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": False}
+    if loss == "dice":
+        return MemoryEfficientSoftDiceLoss(apply_nonlin=_softmax_classes, **dice)
+    return DC_and_CE_loss(dice, {}, weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+
+
+def _nnunet_compiled(loss: str, device: torch.device, quick: bool) -> torch.nn.Module:
+    module = _nnunet(loss, device, quick)
+    if quick and device.type == "cpu":
+        raise Unavailable("skipped under --quick on CPU (compiling takes 3-20 s per loss); run without --quick",
+                          status="skipped")
+    torch._dynamo.reset()
+    if loss == "dice":
+        return torch.compile(module)
+    module.dc = torch.compile(module.dc)  # what nnUNetTrainer._build_loss does; its CE stays eager
+    return module
 
 
 _SETUP = {
@@ -99,4 +120,5 @@ _SETUP = {
     "compiled": _compiled,
     "monai": _monai,
     "nnunet": _nnunet,
+    "nnunet_compiled": _nnunet_compiled,
 }

@@ -164,7 +164,7 @@ def run_cell(workload: Workload, loss: str, provider: str, logits: torch.Tensor,
                     torch.cuda.synchronize()
             except Exception as exc:  # noqa: BLE001 - any failure of a baseline is a result, not a crash
                 result.status = "failed"
-                prefix = "compile failed" if provider == "compiled" else "failed"
+                prefix = "compile failed" if provider in _providers.COMPILED else "failed"
                 result.note = f"{prefix}: {_short_error(exc)}"
                 return result
             result.first_call_s = time.perf_counter() - start
@@ -180,7 +180,7 @@ def run_cell(workload: Workload, loss: str, provider: str, logits: torch.Tensor,
     finally:
         logits.grad = None
         module = None  # noqa: F841 - drop the module (and a compiled graph) before the next cell
-        if provider == "compiled":
+        if provider in _providers.COMPILED:
             torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()

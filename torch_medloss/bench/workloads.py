@@ -138,12 +138,14 @@ _LOSS_NAMES = {**{_normalize(s.key): s.key for s in LOSSES.values()},
 # Implementations ("providers"); "fused" stands for the fused backends of the device (triton and cuda on a GPU, cpp
 # on a CPU).
 FUSED = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
-PROVIDERS = ("triton", "cuda", "cpp", "eager", "compiled", "monai", "nnunet")
+PROVIDERS = ("triton", "cuda", "cpp", "eager", "compiled", "monai", "nnunet", "nnunet_compiled")
 _PROVIDER_ALIASES = {"reference": "eager", "compile": "compiled", "nnunetv2": "nnunet"}
 
 
 def default_providers(device: torch.device) -> list[str]:
-    return [*FUSED.get(device.type, ()), "eager", "compiled", "monai", "nnunet"]
+    # nnU-Net compiles its loss on a GPU only, so its compiled column is a default there only.
+    nnunet_compiled = ["nnunet_compiled"] if device.type == "cuda" else []
+    return [*FUSED.get(device.type, ()), "eager", "compiled", "monai", "nnunet", *nnunet_compiled]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
