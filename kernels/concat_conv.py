@@ -2,9 +2,10 @@
 
 The op computes ``relu?(conv2d(cat(inputs, 1), weight, bias, padding=padding))`` for 1 to 8 inputs (B, C_i, H, W)
 of any strides (channels_last native, NCHW fine), a weight (O, sum C_i, K, K) with K = 1 or 3, stride 1 and
-0 <= padding <= K - 1, in float32, bfloat16 or float16 with fp32 accumulation. Its autograd formula calls two
-internal ops, ``concat_conv2d_bwd_input_triton`` (one gradient tensor per input) and
-``concat_conv2d_bwd_weight_triton`` (weight and bias). Contract: torch_medloss.reference.concat_conv.
+0 <= padding <= K - 1, in float32, bfloat16 or float16 with fp32 accumulation. Its autograd formula
+(torch_medloss.ops.concat_conv) calls two internal ops, ``concat_conv2d_bwd_input_triton`` (one gradient tensor per
+input) and ``concat_conv2d_bwd_weight_triton`` (weight and bias). Contract: torch_medloss.reference.concat_conv, and
+torch_medloss._contract for the input count (the kernels' pointer slots) and the kernel sizes.
 
 Method: implicit GEMM (no im2col buffer, no cat).
   - Forward. GEMM of M = B * H' * W' output pixels by N = O output channels, reduced over sum_i C_i * K * K. Program
@@ -59,6 +60,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from torch_medloss import _contract as K
 from torch_medloss.kernels._device import on_device
 from torch_medloss.reference.concat_conv import output_memory_format
 
@@ -88,7 +90,7 @@ _BWD_W_TARGET_PROGRAMS = 512
 _NUM_WARPS = 8
 _NUM_STAGES = 2
 
-_MAX_INPUTS = 8
+# The kernels have K.CONCAT_CONV_MAX_INPUTS (8) pointer slots: x0_ptr ... x7_ptr, gx0_ptr ... gx7_ptr.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -740,8 +742,8 @@ def _concat_conv2d_bwd_weight_kernel(
 
 def _check(op: str, inputs: list[torch.Tensor], weight: torch.Tensor, padding: int) -> tuple[int, int, int]:
     """The launchers' checks (the public function checked the user's arguments); returns (K, H', W')."""
-    if not 1 <= len(inputs) <= _MAX_INPUTS:
-        raise ValueError(f"{op}: inputs must hold 1 to {_MAX_INPUTS} tensors, got {len(inputs)}.")
+    if not 1 <= len(inputs) <= K.CONCAT_CONV_MAX_INPUTS:
+        raise ValueError(f"{op}: inputs must hold 1 to {K.CONCAT_CONV_MAX_INPUTS} tensors, got {len(inputs)}.")
     first = inputs[0]
     if first.dtype not in _DTYPES:
         raise ValueError(f"{op}: the Triton kernels take float32, bfloat16 or float16, got {first.dtype}; use the "
@@ -756,9 +758,11 @@ def _check(op: str, inputs: list[torch.Tensor], weight: torch.Tensor, padding: i
             raise ValueError(f"{op}: inputs[{i}] must have at least one channel, got shape {tuple(x.shape)}.")
     channels = sum(x.shape[1] for x in inputs)
     if weight.dim() != 4 or weight.shape[1] != channels or weight.shape[2] != weight.shape[3] or \
-            weight.shape[2] not in (1, 3) or weight.dtype != first.dtype or weight.device != first.device:
-        raise ValueError(f"{op}: weight must be (O, {channels}, K, K) with K in (1, 3), {first.dtype}, on "
-                         f"{first.device}; got {tuple(weight.shape)} {weight.dtype} on {weight.device}.")
+            weight.shape[2] not in K.CONCAT_CONV_KERNEL_SIZES or weight.dtype != first.dtype or \
+            weight.device != first.device:
+        raise ValueError(f"{op}: weight must be (O, {channels}, K, K) with K in {K.CONCAT_CONV_KERNEL_SIZES}, "
+                         f"{first.dtype}, on {first.device}; got {tuple(weight.shape)} {weight.dtype} on "
+                         f"{weight.device}.")
     ks = weight.shape[-1]
     if not 0 <= padding <= ks - 1:
         raise ValueError(f"{op}: padding must be in [0, {ks - 1}], got {padding}.")
@@ -794,7 +798,7 @@ def _cudnn_conv_tf32() -> bool:
 
 def _slots(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int], list[int]]:
     """8 pointer slots (unused ones hold tensors[0], never read), 8 channel counts, 32 (b, c, h, w) strides."""
-    pad = _MAX_INPUTS - len(tensors)
+    pad = K.CONCAT_CONV_MAX_INPUTS - len(tensors)
     pointers = list(tensors) + [tensors[0]] * pad
     channels = [t.shape[1] for t in tensors] + [0] * pad
     strides = [s for t in tensors for s in t.stride()] + [0] * (4 * pad)
@@ -925,50 +929,3 @@ def concat_conv2d_bwd_weight_triton(grad_out: torch.Tensor, out: torch.Tensor | 
     # Fixed-order reduction over the splits: deterministic, no atomics.
     grad_weight = gw_partial.sum(dim=0).view(ks, ks, total_channels, out_channels).permute(3, 2, 0, 1)
     return grad_weight.to(weight.dtype).contiguous(), gb_partial.sum(dim=0).to(weight.dtype)
-
-
-# ------------------------------------------------------------------------------------------------------ autograd
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    xs, weight, bias, padding, relu = inputs
-    # Saved: the inputs (the weight gradient reads them; the input gradient only their shapes), the weight, and the
-    # output only when the ReLU mask needs it.
-    ctx.save_for_backward(*xs, weight, output if relu else None)
-    ctx.num_inputs = len(xs)
-    ctx.padding = padding
-    ctx.relu = relu
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_out):
-    saved = ctx.saved_tensors
-    n = ctx.num_inputs
-    xs, weight, out = list(saved[:n]), saved[n], saved[n + 1]
-    needs = ctx.needs_input_grad
-    needs_x = needs[0] if isinstance(needs[0], (list, tuple)) else [needs[0]] * n
-    grad_xs = [None] * n  # a list for the list argument, even when no input needs a gradient
-    if any(needs_x):
-        grads = concat_conv2d_bwd_input_triton(grad_out, out, xs, weight, ctx.padding, ctx.relu)
-        grad_xs = [g if wanted else None for g, wanted in zip(grads, needs_x, strict=True)]
-    grad_weight = grad_bias = None
-    if needs[1] or (ctx.has_bias and needs[2]):
-        grad_weight, grad_bias = concat_conv2d_bwd_weight_triton(grad_out, out, xs, weight, ctx.padding, ctx.relu)
-        grad_weight = grad_weight if needs[1] else None
-        grad_bias = grad_bias if ctx.has_bias and needs[2] else None
-    # padding and relu are not tensors.
-    return grad_xs, grad_weight, grad_bias, None, None
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("torch_medloss: concat_conv2d's Triton backward does not support double backward "
-                       "(create_graph=True); use backend='reference' for higher-order gradients.")
-
-
-def _setup_nothing(ctx, inputs, output) -> None:
-    pass
-
-
-concat_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
-concat_conv2d_bwd_input_triton.register_autograd(_no_double_backward, setup_context=_setup_nothing)
-concat_conv2d_bwd_weight_triton.register_autograd(_no_double_backward, setup_context=_setup_nothing)

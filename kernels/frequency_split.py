@@ -30,7 +30,8 @@ A^T is not the blur again: the taps that the reflection folded onto an input pix
 pixels whose padded neighbourhood mirrored onto it. The backward kernel is the forward kernel with each tap matrix
 transposed (_reflect_matrix with output and input indices swapped), acting on d = g_low - g_high loaded once per
 window, plus g_high; it reads the two upstream gradients once and writes grad_x once. The backward of the backward
-is linear and equals the forward split of its upstream gradient (see _backward_backward).
+is linear and equals the forward split of its upstream gradient (the autograd formulas of both ops:
+torch_medloss.ops.frequency_split).
 
 Trade-off. Each pass reads its inputs once from memory (the 2r-wide overlaps of neighbouring windows come again,
 mostly from L2) and writes its outputs once: 12 bytes per pixel in fp32 (x, low, high), 6 in bf16. The price is
@@ -59,20 +60,20 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from torch_medloss.frequency_split import IDENTITY_SIGMA, TRITON_MAX_RADIUS
+from torch_medloss import _contract as K
 from torch_medloss.kernels._device import on_device
+from torch_medloss.reference.frequency_split import gaussian_radius
 
 # No autotuning: the window is a heuristic of r and the image size alone (_launch_sizes); an autotune key would have
 # to include r, since r sets the useful fraction of a window.
 
 # Window side for r <= 8 (32: interior 26 at r = 3, 16 at r = 8); larger radii take next_power_of_2(4 r), so that at
-# least half of each side is interior (64 up to r = 16 = _MAX_RADIUS). Expected H100 starting point:
+# least half of each side is interior (64 up to r = 16, K.FREQUENCY_SPLIT_TRITON_MAX_RADIUS, the largest radius the
+# kernels take: a contract constant; larger radii run the reference, a fusion blocker in
+# torch_medloss.ops.frequency_split). Expected H100 starting point:
 # T_H = T_W = 32, 8 warps, then _DOT_PRECISION = "tf32x3"; then 32 x 64 windows with 8 warps (no spills with
 # tf32x3; for that the heuristic would need separate sides) and 64 x 64 with plain tf32 to see what the spills cost.
 _TILE = 32
-# Largest radius the kernels take (sigma <= 16 / 3): windows of 64 x 64. Larger radii run the
-# reference (the front end treats them as a fusion blocker). Defined there.
-_MAX_RADIUS = TRITON_MAX_RADIUS
 # Programs to aim for: enough to fill an H100 (132 SMs) several times over, few enough that each program walks
 # several planes and builds its tap matrices once for all of them (B16 C3 512^2 at r = 3: 400 windows per plane,
 # 16 planes a program, 1200 programs). At ~220 registers a thread an 8-warp program fills an SM's register file
@@ -314,12 +315,12 @@ def _frequency_split_bwd_kernel(
 def gaussian_constants(sigma: float) -> tuple[int, float, float]:
     """(r, log2_scale, inv_norm) of the kernels' taps g_k = exp2(k^2 log2_scale) * inv_norm, computed in float64.
 
-    The Gaussian is evaluated at max(sigma, IDENTITY_SIGMA), as the reference's taps are: the same taps [0, 1, 0]
-    (r = 1) for every sigma <= IDENTITY_SIGMA, where a smaller sigma would give log2_scale = -inf in fp32 (below ~5e-20)
-    or a division by zero (below ~1e-162), and g_0 = exp2(0 * -inf) = NaN.
+    The Gaussian is evaluated at max(sigma, K.FREQUENCY_SPLIT_IDENTITY_SIGMA), as the reference's taps are: the same
+    taps [0, 1, 0] (r = 1) for every sigma <= that, where a smaller sigma would give log2_scale = -inf in fp32 (below
+    ~5e-20) or a division by zero (below ~1e-162), and g_0 = exp2(0 * -inf) = NaN.
     """
-    radius = int(math.ceil(3.0 * sigma))
-    sigma = max(sigma, IDENTITY_SIGMA)
+    radius = gaussian_radius(sigma)
+    sigma = max(sigma, K.FREQUENCY_SPLIT_IDENTITY_SIGMA)
     norm = math.fsum(math.exp(-(k * k) / (2.0 * sigma * sigma)) for k in range(-radius, radius + 1))
     return radius, -math.log2(math.e) / (2.0 * sigma * sigma), 1.0 / norm
 
@@ -368,9 +369,10 @@ def _check(op: str, tensors: dict[str, torch.Tensor], sigma: float) -> int:
             raise ValueError(f"{op}: {name} is on {tensor.device}, {first_name} on {first.device}.")
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"{op}: sigma must be a finite number > 0, got {sigma}.")
-    radius = int(math.ceil(3.0 * sigma))
-    if radius > _MAX_RADIUS:
-        raise ValueError(f"{op}: r = ceil(3 sigma) = {radius} exceeds the kernels' limit {_MAX_RADIUS}, sigma={sigma}.")
+    radius = gaussian_radius(sigma)
+    if radius > K.FREQUENCY_SPLIT_TRITON_MAX_RADIUS:
+        raise ValueError(f"{op}: r = ceil(3 sigma) = {radius} exceeds the kernels' limit "
+                         f"{K.FREQUENCY_SPLIT_TRITON_MAX_RADIUS}, sigma={sigma}.")
     height, width = first.shape[-2:]
     if height <= radius or width <= radius:
         raise ValueError(f"{op}: reflect padding by r = {radius} needs H and W > {radius}, got H={height}, W={width}.")
@@ -432,41 +434,3 @@ def frequency_split_bwd_triton(
         return grad_x
     _launch(_frequency_split_bwd_kernel, [grad_x], [grad_low, grad_high], sigma, radius)
     return grad_x
-
-
-# ------------------------------------------------------------------------------------------------------ autograd
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, sigma = inputs
-    ctx.sigma = sigma  # nothing else is saved: the backward is linear and needs no input values
-    ctx.dtype = x.dtype
-
-
-def _backward(ctx, grad_low, grad_high):
-    # Outputs not used by the loss come as None when autograd does not materialize them.
-    if grad_low is None and grad_high is None:
-        return None, None
-    reference = grad_high if grad_low is None else grad_low
-    grad_low = torch.zeros_like(reference) if grad_low is None else grad_low
-    grad_high = torch.zeros_like(reference) if grad_high is None else grad_high
-    # None: sigma is not a tensor.
-    return torch.ops.torch_medloss.frequency_split_bwd_triton(grad_low, grad_high, ctx.sigma, ctx.dtype), None
-
-
-def _setup_context_bwd(ctx, inputs, output) -> None:
-    _, _, sigma, _ = inputs
-    ctx.sigma = sigma
-
-
-def _backward_backward(ctx, grad):
-    # bwd(g_low, g_high) = g_high + A^T (g_low - g_high) is linear; its adjoint maps v to (A v, v - A v), which is
-    # the forward split of v. None for sigma and dtype, which are not tensors.
-    grad_low, grad_high = torch.ops.torch_medloss.frequency_split_triton(grad, ctx.sigma)
-    return grad_low, grad_high, None, None
-
-
-torch.library.register_autograd("torch_medloss::frequency_split_triton", _backward, setup_context=_setup_context)
-torch.library.register_autograd(
-    "torch_medloss::frequency_split_bwd_triton", _backward_backward, setup_context=_setup_context_bwd
-)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_medloss import _backend
-from torch_medloss.concat_conv import concat_conv2d
+from torch_medloss.functional.concat_conv import concat_conv2d
 from torch_medloss.nn import ConcatConv2d
 from torch_medloss.reference import concat_conv as reference
 

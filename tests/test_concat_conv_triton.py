@@ -37,10 +37,12 @@ import warnings
 
 import torch.nn.functional as F
 
-from torch_medloss.concat_conv import concat_conv2d
+from torch_medloss.functional.concat_conv import concat_conv2d
+from torch_medloss.ops import concat_conv as op
 from torch_medloss.reference.concat_conv import concat_conv2d as reference
 
 kernel = load_kernel("concat_conv")
+op._triton_ops()  # the autograd of the Triton ops
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -425,8 +427,10 @@ def test_cuda_triton_matches_reference(shape, dtype):
     fp32 runs in TF32 (cuDNN's default): the tolerance is 5e-3 of each tensor's largest magnitude. bf16 must stay
     within 2x the error of PyTorch's own bf16 convolution (cuDNN) plus two bf16 rounding steps.
     """
-    from torch_medloss.kernels.concat_conv import concat_conv2d_triton
+    from torch_medloss.ops.concat_conv import _triton_ops
     from torch_medloss.reference.concat_conv import concat_conv2d as reference
+
+    concat_conv2d_triton = _triton_ops().concat_conv2d_triton
 
     channels, out_channels, ks, padding, batch, height, width = shape
     for channels_last in (True, False):
@@ -453,8 +457,10 @@ def test_cuda_triton_matches_reference(shape, dtype):
 
 @CUDA
 def test_cuda_triton_deterministic_opcheck_and_compile():
-    from torch_medloss.concat_conv import concat_conv2d
-    from torch_medloss.kernels.concat_conv import concat_conv2d_triton
+    from torch_medloss.functional.concat_conv import concat_conv2d
+    from torch_medloss.ops.concat_conv import _triton_ops
+
+    concat_conv2d_triton = _triton_ops().concat_conv2d_triton
 
     inputs, weight, bias = _cuda_case((24, 40), 32, 3, 2, 33, 47, torch.bfloat16, True, seed=1)
     grad_out = torch.randn(2, 32, 33, 47, device="cuda", dtype=torch.bfloat16)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from torch_medloss import functional
-from torch_medloss.frequency_split import (
+from torch_medloss.functional.frequency_split import (
     IDENTITY_SIGMA,
     TRITON_MAX_RADIUS,
     frequency_split,

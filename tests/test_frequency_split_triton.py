@@ -35,10 +35,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # from kernels/ in this checkout, registered as the package torch_medloss.kernels so that the front end finds it
 # too), the comparisons that record failures instead of stopping at the first, and one full check of a case.
 PRELUDE = """
-from torch_medloss.frequency_split import frequency_split
+from torch_medloss.functional.frequency_split import frequency_split
+from torch_medloss.ops import frequency_split as op
 from torch_medloss.reference.frequency_split import frequency_split as reference_split
 
 kernel = load_kernel("frequency_split")
+op._triton_ops()  # the autograd of the Triton ops
 FP32 = dict(rtol=2e-5, atol=2e-5)
 
 
@@ -265,7 +267,7 @@ def test_interpreted_tiny_sigma_is_the_identity():
     log2_scale overflowed to -inf below ~5e-20 and gave NaN; below ~1e-162 the constants divided by zero)."""
     run_script(
         """
-        from torch_medloss.frequency_split import IDENTITY_SIGMA
+        from torch_medloss.functional.frequency_split import IDENTITY_SIGMA
 
         generator = torch.Generator().manual_seed(3)
         for sigma in (5e-324, 1e-200, 1e-20, 1e-3, IDENTITY_SIGMA):

@@ -120,3 +120,23 @@ DBCE_MAX_BOX_OFFSETS = 169
 def dbce_loss_shape(batch_size: int, num_pixels: int, codes) -> tuple[int, ...]:
     """The dbce_loss op's loss: () for mean/sum, the (B, S) map for "none"."""
     return (batch_size, num_pixels) if codes[DBCE_CODE_REDUCTION] == REDUCTION_NONE else ()
+
+
+# ------------------------------------------------------------------------------------------------ denoising ops
+# concat_conv2d and frequency_split: Python only (no C++ kernels, so csrc/contract.h has no counterpart). Read by
+# the front ends (torch_medloss.functional), the ops (torch_medloss.ops), the references and the Triton kernels.
+
+# concat_conv2d: at most this many inputs (the Triton kernels have one pointer slot per input), and the K of the
+# K x K kernels they take.
+CONCAT_CONV_MAX_INPUTS = 8
+CONCAT_CONV_KERNEL_SIZES = (1, 3)
+
+# frequency_split: at or below this sigma every off-centre tap exp(-k^2 / (2 sigma^2)) <= exp(-1250) is 0 in float64
+# (and in every narrower dtype), so the taps are exactly [0, 1, 0] (r = 1) and low = x. The taps of such a sigma are
+# computed at FREQUENCY_SPLIT_IDENTITY_SIGMA itself, which gives those same taps bit for bit: below ~1e-162 sigma^2
+# underflows to 0 and the centre tap would be exp(-0 / 0) = NaN. The reference and the Triton kernels both clamp.
+FREQUENCY_SPLIT_IDENTITY_SIGMA = 0.02
+# Largest r = ceil(3 sigma) the Triton kernels take (sigma <= 16 / 3): windows of 64 pixels, 32 interior. Past it
+# the 128-pixel windows spill heavily on sm_90 (ptxas: 12 KB forward, 39 KB backward per thread at r = 32, local
+# memory a driver may reserve by the GB), so larger radii run the reference (a fusion blocker).
+FREQUENCY_SPLIT_TRITON_MAX_RADIUS = 16

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from torch_medloss import _backend
-from torch_medloss.concat_conv import KERNEL_SIZES, MAX_INPUTS, _check_activation, concat_conv2d
+from torch_medloss import _contract as K
+from torch_medloss.functional.concat_conv import _check_activation, concat_conv2d
 
 __all__ = ["ConcatConv2d"]
 
@@ -38,8 +39,8 @@ class ConcatConv2d(nn.Module):
         super().__init__()
         if isinstance(in_channels, (str, bytes)) or not isinstance(in_channels, Sequence):
             raise TypeError(f"in_channels must be a sequence of ints, one per input, got {type(in_channels).__name__}.")
-        if not 1 <= len(in_channels) <= MAX_INPUTS:
-            raise ValueError(f"in_channels must have 1 to {MAX_INPUTS} entries, got {len(in_channels)}.")
+        if not 1 <= len(in_channels) <= K.CONCAT_CONV_MAX_INPUTS:
+            raise ValueError(f"in_channels must have 1 to {K.CONCAT_CONV_MAX_INPUTS} entries, got {len(in_channels)}.")
         for name, value in [(f"in_channels[{i}]", c) for i, c in enumerate(in_channels)] + [("out_channels",
                                                                                             out_channels)]:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -48,7 +49,7 @@ class ConcatConv2d(nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
             raise TypeError(f"kernel_size must be an int, 1 or 3, got {type(kernel_size).__name__}.")
-        if kernel_size not in KERNEL_SIZES:
+        if kernel_size not in K.CONCAT_CONV_KERNEL_SIZES:
             raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size!r}.")
         padding = kernel_size // 2 if padding is None else padding
         if isinstance(padding, bool) or not isinstance(padding, numbers.Integral):

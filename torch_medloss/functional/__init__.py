@@ -3,11 +3,11 @@
 
 - torch_medloss.functional.dice: the Dice family and the focal losses (one fused op: ops/dice_sums.py);
 - torch_medloss.functional.dbce: DBCE, balanced cross entropy, DBCE's class weights (ops/dbce.py);
-- concat_conv2d and frequency_split: the denoising ops (torch_medloss.concat_conv, torch_medloss.frequency_split).
+- torch_medloss.functional.concat_conv and .frequency_split: the denoising ops (ops/concat_conv.py,
+  ops/frequency_split.py).
 """
 
-from torch_medloss.concat_conv import concat_conv2d
-from torch_medloss.frequency_split import frequency_split
+from torch_medloss.functional.concat_conv import concat_conv2d
 from torch_medloss.functional.dbce import balanced_ce_loss, dbce_family, dbce_loss, dilated_class_weights
 from torch_medloss.functional.dice import (
     dice_ce_loss,
@@ -20,6 +20,7 @@ from torch_medloss.functional.dice import (
     pm_dice_loss,
     tversky_loss,
 )
+from torch_medloss.functional.frequency_split import frequency_split
 
 __all__ = [
     "balanced_ce_loss",

@@ -9,7 +9,7 @@ import numbers
 
 from torch import Tensor, nn
 
-from torch_medloss.frequency_split import frequency_split
+from torch_medloss.functional.frequency_split import frequency_split
 from torch_medloss.models.dncnn import check_image, check_int, noise_network
 
 

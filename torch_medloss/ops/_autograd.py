@@ -4,6 +4,11 @@ A forward op takes its tensors first (the differentiable one at position 0: the 
 backward op takes the upstream gradients of the outputs it reads, the tensors saved for it, and the same options,
 and returns the first input's gradient. Only that input gets a gradient: targets, masks and per-class values are
 data, not parameters (a call whose target needs a gradient runs the reference instead; see functional).
+
+The denoising ops' Triton forwards do not have that shape (concat_conv2d gives a gradient to every input, the
+weight and the bias; frequency_split's backward is linear and has a backward of its own): their formulas are in
+ops/concat_conv.py and ops/frequency_split.py, with the same structure, and concat_conv2d's backward ops refuse
+double backward through ``refuse_double_backward``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,16 @@ def register(
         # The other inputs are data, and the options are not tensors.
         return (grad_input,) + (None,) * (num_tensors - 1 + len(ctx.options))
 
+    torch.library.register_autograd(forward, backward_formula, setup_context=setup_context)
+    refuse_double_backward(backward, what)
+
+
+def refuse_double_backward(backward: str, what: str) -> None:
+    """Make differentiating the op ``backward`` (double backward, create_graph=True) raise a clear RuntimeError.
+
+    Also for the backward ops of a forward whose autograd formula does not fit ``register`` (concat_conv2d's: a
+    gradient for every input, the weight and the bias)."""
+
     def no_double_backward(ctx, *grads):
         raise RuntimeError(f"torch_medloss: {what} does not support double backward (create_graph=True); use "
                            "backend='reference' for higher-order gradients.")
@@ -70,5 +85,4 @@ def register(
     def setup_nothing(ctx, inputs, output) -> None:
         pass
 
-    torch.library.register_autograd(forward, backward_formula, setup_context=setup_context)
     torch.library.register_autograd(backward, no_double_backward, setup_context=setup_nothing)

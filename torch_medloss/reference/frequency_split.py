@@ -4,8 +4,9 @@ low = blur_W(blur_H(pad_reflect(x))) with the 1-D kernel g_k = exp(-k^2 / (2 sig
 r = ceil(3 sigma); high = x - low. Built from ``F.pad`` and two depthwise ``F.conv2d`` calls, accumulated in float32
 for half-precision inputs (float64 stays float64), so autograd gives the adjoint blur for the backward.
 
-Tiny sigma: at or below IDENTITY_SIGMA the blur is the identity (low = x, high = 0); see gaussian_taps. Empty input
-(B = 0 or C = 0): empty low and high of x's shape, dtype and layout, with an (empty) gradient, as the Triton op gives.
+Tiny sigma: at or below _contract.FREQUENCY_SPLIT_IDENTITY_SIGMA (0.02) the blur is the identity (low = x,
+high = 0); see gaussian_taps. Empty input (B = 0 or C = 0): empty low and high of x's shape, dtype and layout, with an
+(empty) gradient, as the Triton op gives.
 """
 
 from __future__ import annotations
@@ -16,23 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# At or below this sigma every off-centre tap exp(-k^2 / (2 sigma^2)) <= exp(-1250) is 0 in float64 (and in every
-# narrower dtype), so the taps are exactly [0, 1, 0] (r = 1) and low = x. The taps of such a sigma are computed at
-# IDENTITY_SIGMA itself, which gives those same taps bit for bit: below ~1e-162 sigma^2 underflows to 0 and the
-# centre tap would be exp(-0 / 0) = NaN. The Triton kernels clamp their Gaussian constants the same way.
-IDENTITY_SIGMA = 0.02
+from torch_medloss import _contract as K
 
 
 def gaussian_radius(sigma: float) -> int:
+    """r = ceil(3 sigma), the blur's radius (the Triton kernels take it from here)."""
     return int(math.ceil(3.0 * sigma))
 
 
 def gaussian_taps(sigma: float, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
     """The normalized 1-D kernel of length 2r + 1 (computed in float64, then cast); [0, 1, 0] for sigma <=
-    IDENTITY_SIGMA."""
+    FREQUENCY_SPLIT_IDENTITY_SIGMA (torch_medloss._contract, which says why)."""
     radius = gaussian_radius(sigma)
     k = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    sigma = max(sigma, IDENTITY_SIGMA)  # same taps, without the 0 / 0 of an underflowing sigma^2 (see IDENTITY_SIGMA)
+    sigma = max(sigma, K.FREQUENCY_SPLIT_IDENTITY_SIGMA)  # same taps, without the 0 / 0 of an underflowing sigma^2
     taps = torch.exp(-(k * k) / (2.0 * sigma * sigma))
     return (taps / taps.sum()).to(dtype=dtype, device=device)
 

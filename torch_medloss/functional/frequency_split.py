@@ -1,6 +1,7 @@
 """``frequency_split``: an image's low- and high-frequency components (arXiv 2011.14908's twin denoiser input).
 
-low is a separable Gaussian blur of x (reflect padding), high = x - low. Implementations:
+low is a separable Gaussian blur of x (reflect padding), high = x - low. The front end: checks the arguments, picks
+the backend (torch_medloss._backend) and runs the op, torch_medloss.ops.frequency_split. Implementations:
 
 - "triton" (default on CUDA): one kernel reads x once and writes low and high; the backward (the adjoint blur of
   the two upstream gradients) is one kernel too (torch_medloss.kernels.frequency_split,
@@ -21,17 +22,16 @@ import torch
 from torch import Tensor
 
 from torch_medloss import _backend
-from torch_medloss.reference import frequency_split as _reference
-from torch_medloss.reference.frequency_split import IDENTITY_SIGMA, gaussian_radius, gaussian_taps
+from torch_medloss._contract import FREQUENCY_SPLIT_IDENTITY_SIGMA as IDENTITY_SIGMA
+from torch_medloss._contract import FREQUENCY_SPLIT_TRITON_MAX_RADIUS as TRITON_MAX_RADIUS
+from torch_medloss.ops import frequency_split as op
+from torch_medloss.reference.frequency_split import gaussian_radius, gaussian_taps
 
-__all__ = ["BACKENDS", "IDENTITY_SIGMA", "frequency_split", "gaussian_radius", "gaussian_taps"]
+# IDENTITY_SIGMA and TRITON_MAX_RADIUS (the names frequency_split's docstring uses) are contract constants, defined
+# in torch_medloss._contract; gaussian_radius and gaussian_taps are the reference's.
+__all__ = ["IDENTITY_SIGMA", "TRITON_MAX_RADIUS", "frequency_split", "gaussian_radius", "gaussian_taps"]
 
-BACKENDS = ("triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Largest r = ceil(3 sigma) the Triton kernels take (sigma <= 16 / 3): windows of 64 pixels, 32 interior. Past it
-# the 128-pixel windows spill heavily on sm_90 (ptxas: 12 KB forward, 39 KB backward per thread at r = 32, local
-# memory a driver may reserve by the GB), so larger radii run the reference (kernels/frequency_split.py reads this).
-TRITON_MAX_RADIUS = 16
 
 
 def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -67,10 +67,8 @@ def frequency_split(x: Tensor, sigma: float, *, backend: str = "auto") -> tuple[
     """
     sigma = _check_arguments(x, sigma)
     backend = _backend.check_backend_name(backend)
-    chosen = _backend.resolve("frequency_split", backend, x.device, BACKENDS, blocker=_fusion_blocker(x, sigma))
-    if chosen == "triton":
-        return _triton_op()(x, sigma)
-    return _reference.frequency_split(x, sigma)
+    chosen = _backend.resolve("frequency_split", backend, x.device, op.BACKENDS, blocker=op.fusion_blocker(x, sigma))
+    return op.frequency_split(chosen, x, sigma)
 
 
 def _check_arguments(x: object, sigma: object) -> float:
@@ -95,26 +93,3 @@ def _check_arguments(x: object, sigma: object) -> float:
             f"{radius}, got H={height}, W={width}."
         )
     return sigma
-
-
-def _fusion_blocker(x: Tensor, sigma: float) -> str | None:
-    """Why the Triton kernels cannot take these arguments, or None."""
-    if x.dtype == torch.float64:
-        return "the Triton kernels take float32, bfloat16 and float16, not float64"
-    radius = gaussian_radius(sigma)
-    if radius > TRITON_MAX_RADIUS:
-        return f"the Triton kernels take r = ceil(3 sigma) <= {TRITON_MAX_RADIUS}, got r = {radius} (sigma = {sigma})"
-    return None
-
-
-_triton: object | None = None
-
-
-def _triton_op():
-    """``torch_medloss::frequency_split_triton``, imported (which imports triton) on first use."""
-    global _triton
-    if _triton is None:
-        from torch_medloss.kernels import frequency_split as kernels
-
-        _triton = kernels.frequency_split_triton
-    return _triton

@@ -1,7 +1,10 @@
 """``concat_conv2d``: a convolution of the channel-wise concatenation of several tensors, without the concatenation.
 
 Lattice Fusion Network nodes (arXiv 2011.14196) fuse the feature maps of the nodes before them; done naively that is
-``torch.cat`` then ``conv2d``, which writes and rereads a tensor as large as all the inputs together. Implementations:
+``torch.cat`` then ``conv2d``, which writes and rereads a tensor as large as all the inputs together.
+
+The front end: checks the arguments, applies autocast, picks the backend (torch_medloss._backend) and runs the op,
+torch_medloss.ops.concat_conv. Implementations:
 
 - "triton" (default on CUDA): an implicit-GEMM kernel in torch_medloss.kernels.concat_conv whose reduction loop walks
   the inputs where they lie, with bias and ReLU in the epilogue, and Triton backward kernels for every input, the
@@ -18,14 +21,12 @@ import torch
 from torch import Tensor
 
 from torch_medloss import _backend
-from torch_medloss.reference import concat_conv as _reference
+from torch_medloss import _contract as K
+from torch_medloss.ops import concat_conv as op
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "MAX_INPUTS", "concat_conv2d"]
+__all__ = ["ACTIVATIONS", "concat_conv2d"]
 
-BACKENDS = ("triton", "reference")
 ACTIVATIONS = (None, "relu")
-KERNEL_SIZES = (1, 3)
-MAX_INPUTS = 8
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -75,12 +76,9 @@ def concat_conv2d(
     relu = _check_activation(activation)
     backend = _backend.check_backend_name(backend)
     # float64 is a fusion blocker: "auto" falls back with one warning where it would otherwise run Triton.
-    blocker = "the Triton kernels take float32, bfloat16 or float16, not float64" if inputs[0].dtype == torch.float64 \
-        else None
-    chosen = _backend.resolve("concat_conv2d", backend, inputs[0].device, BACKENDS, blocker=blocker)
-    if chosen == "triton":
-        return _triton_op()(list(inputs), weight, bias, padding, relu)
-    return _reference.concat_conv2d(inputs, weight, bias, padding, relu)
+    chosen = _backend.resolve("concat_conv2d", backend, inputs[0].device, op.BACKENDS,
+                              blocker=op.fusion_blocker(inputs))
+    return op.concat_conv2d(chosen, inputs, weight, bias, padding, relu)
 
 
 # ------------------------------------------------------------------------------------------------- argument checks
@@ -116,8 +114,8 @@ def _check_inputs(inputs: object) -> tuple[Tensor, ...]:
     if isinstance(inputs, Tensor) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs must be a sequence (list or tuple) of tensors, got {type(inputs).__name__}.")
     inputs = tuple(inputs)
-    if not 1 <= len(inputs) <= MAX_INPUTS:
-        raise ValueError(f"inputs must hold 1 to {MAX_INPUTS} tensors, got {len(inputs)}.")
+    if not 1 <= len(inputs) <= K.CONCAT_CONV_MAX_INPUTS:
+        raise ValueError(f"inputs must hold 1 to {K.CONCAT_CONV_MAX_INPUTS} tensors, got {len(inputs)}.")
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
             raise TypeError(f"inputs[{i}] must be a torch.Tensor, got {type(x).__name__}.")
@@ -157,7 +155,7 @@ def _check_weight(inputs: tuple[Tensor, ...], weight: object, bias: object) -> N
             f"weight must have shape (out_channels, {channels}, K, K) for inputs with "
             f"{[x.shape[1] for x in inputs]} channels, got {tuple(weight.shape)}."
         )
-    if weight.shape[-1] not in KERNEL_SIZES:
+    if weight.shape[-1] not in K.CONCAT_CONV_KERNEL_SIZES:
         raise ValueError(f"weight must be a 1x1 or 3x3 kernel, got {weight.shape[-2]}x{weight.shape[-1]}.")
     if bias is None:
         return
@@ -186,18 +184,3 @@ def _check_activation(activation: object) -> bool:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'relu', got {activation!r}.")
     return activation == "relu"
-
-
-# ------------------------------------------------------------------------------------------------------ the op
-
-_triton: object | None = None
-
-
-def _triton_op():
-    """``torch_medloss::concat_conv2d_triton``, imported (which imports triton) on first use."""
-    global _triton
-    if _triton is None:
-        from torch_medloss.kernels import concat_conv as kernels
-
-        _triton = kernels.concat_conv2d_triton
-    return _triton
