@@ -1,8 +1,9 @@
 """Command line of torch_medloss: ``python -m torch_medloss <command>`` (or the ``torch-medloss`` script).
 
 Commands:
-    build: compile the C++/CUDA extension into the cache (see torch_medloss._extension) and report what was built.
-        Exits 1 when the CPU part could not be built; a CPU-only build on a machine without CUDA is a success.
+    build: compile the C++/CUDA extension into the cache (see torch_medloss._extension), a line per compiled file,
+        and report what was built; a library already in the wheel or the cache is loaded instead. Exits 1 when the
+        CPU part could not be built; a CPU-only build on a machine without CUDA is a success.
     bench: time forward+backward of the losses per backend against the reference (eager and compiled), MONAI and
         nnU-Net, on the GPU when there is one, else the CPU; prints a markdown table (see torch_medloss.bench).
     denoise: train or evaluate the denoisers (DnCNN, Lattice Fusion Network, twin frequency denoiser) on
@@ -23,11 +24,12 @@ from collections.abc import Sequence
 def _build(args: argparse.Namespace) -> int:
     from torch_medloss import _extension
 
-    report = _extension.build(verbose=args.verbose)
+    report = _extension.build(verbose=args.verbose, progress=True)
     if report["path"] is None:
         print("torch_medloss extension: not built")
     else:
-        where = "loaded from the cache" if report["from_cache"] else "built and loaded"
+        where = {"wheel": "loaded from the wheel", "cache": "loaded from the cache"}.get(report["origin"],
+                                                                                       "built and loaded")
         print(f"torch_medloss extension: {report['path']} ({where} in {report['seconds']:.1f} s)")
     for part in ("cpu", "cuda"):
         status = "yes" if report[part] else f"no ({report[f'{part}_reason']})"
@@ -48,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser(
         "build",
         help="compile the C++/CUDA extension into the cache and report what was built",
-        description="Compile csrc/ into the cache ($TORCH_MEDLOSS_CACHE or ~/.cache/torch_medloss) and load it. "
-        "Exits 1 when the CPU part could not be built.",
+        description="Compile csrc/ into the cache ($TORCH_MEDLOSS_CACHE or ~/.cache/torch_medloss), a line per "
+        "compiled file, and load it; a library already in the wheel or the cache is loaded instead. A cache "
+        "prepared this way on a shared file system serves every machine that sets TORCH_MEDLOSS_CACHE to it, "
+        "without a compiler. Exits 1 when the CPU part could not be built.",
     )
     build.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     build.set_defaults(run=_build)
