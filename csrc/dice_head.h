@@ -254,7 +254,8 @@ MEDLOSS_HD void finish(const T* sums, const T* extras, const T* weight, int64_t 
     }
   }
 
-  // 4. the loss value, the cross entropy's coefficient and the poison (column C of image 0).
+  // 4. the loss value, the cross entropy's coefficient and the poison (column C of image 0; the rest of column C is
+  //    0, so that every element of the coefficients is defined: they are an op output, compared by opcheck).
   T ce_coefficient = T(0);
   if (!none) {
     T value = total * scale;
@@ -264,6 +265,9 @@ MEDLOSS_HD void finish(const T* sums, const T* extras, const T* weight, int64_t 
     }
     if (o.focal != FOCAL_NONE) value += T(o.lambda_focal) * focal_total;
     loss[0] = value + poison;
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t k = 0; k < DICE_NUM_SUMS; ++k) coef[b * image_stride + k * row + classes] = T(0);
   }
   if (batch > 0) {
     coef[DICE_SLOT_CE * row + classes] = ce_coefficient;
