@@ -1,41 +1,26 @@
-// CUDA kernels of torch_medloss::dbce_masks, dbce_ce_fwd and dbce_ce_bwd (schema and contract in csrc/dbce.cpp; the
-// ground truth is torch_medloss/reference/dbce_ops.py). Logits float32, bfloat16 and float16; float64 logits are
-// rejected (the CPU kernel takes them). Accumulation in float32.
+// CUDA kernels of the DBCE ops (schemas in csrc/dbce.cpp; the ground truth is torch_medloss/reference/dbce_ops.py;
+// codes and scalars in the layout of csrc/contract.h):
+//   dbce_loss_fwd / dbce_loss_bwd: the whole loss (masks, class weights, weighted cross entropy, reduction);
+//   dbce_masks, dbce_ce_fwd / dbce_ce_bwd: the pieces, for the calls that stop between them.
+// Logits float32, bfloat16 and float16 (float64 runs on the CPU only), any strides; float32 accumulation.
 //
-// ---- dbce_masks: an exact, separable dilation in four passes over the labels.
+// Launches of the loss (device code in dbce_device.h), with no other PyTorch op and no host sync between them:
+// one zeros for the counters, the masks passes (one when the element has at most DBCE_MAX_BOX_OFFSETS offsets, which
+// covers every 1-D and 2-D element up to R ~ 7 voxels and 3-D balls up to R = 3; two in 3-D up to R ~ 7; three
+// beyond), the last of which finishes the class weights in its last block; the cross entropy forward, whose last
+// block finishes the loss; and the backward. So 4 launches for a 3-D R = 3 cube, 3 for a ball.
 //
-// The element E is symmetric and down-closed in every axis (shrinking |o_k| never leaves it: squares and IEEE sums
-// are monotone), so "pixel i is in D_c" depends, along each axis, only on the nearest class-c pixel at each offset of
-// the other axes. For the ball, with q_k(o) = (o s_k)^2 in float64 and the reference's summation order,
-//   i in D_c  <=>  min over (a, b, k) with i + (a, b, k) in M_c of fl(fl(q_D(a) + q_H(b)) + q_W(k)) <= R^2 (1 + 1e-9),
-// each |o_k| bounded by the reference's extent floor(R / s_k (1 + 1e-9)) (and by the image size minus one). Because
-// fl(x + y) is monotone in x, the minimum can be taken one axis at a time, and every intermediate value lies in a
-// small finite set that the host enumerates, so the passes carry small integer indices, not floats:
-//   0. classify: labels (any dtype, any strides) -> cls (B, P) uint8, the class of each valid pixel or kNoClass;
-//      counts (B, C) and invalid (B,) from per-warp ballot counts (integer atomics only: order-independent).
-//   1. along D: nearest[b, c, i] = min |a| <= e_D with i + a e_D in M_c (kInf if none).
-//   2. along H: rank[b, c, i] = min over |b'| <= e_H of table[nearest[i + b' e_H]][|b'|], where table[a][b'] is the
-//      rank of fl(q_D(a) + q_H(b')) among the sorted distinct such values <= R^2 (1 + 1e-9) (kInf above): the rank
-//      of a minimum is the minimum of the ranks.
-//   3. along W: bit c of masks[i] iff i is valid and some |k| <= e_W has rank[c, i + k e_W] <= max_rank[|k|], the
-//      largest rank r with fl(value[r] + q_W(k)) <= R^2 (1 + 1e-9); areas from per-warp ballot counts.
-// The cube is the same code with other tables: windows r_k = the largest o <= e_k with o s_k <= R (1 + 1e-9),
-// table[a][b'] = 0 and max_rank[k] = 0 inside the windows. So the masks are bitwise those of the float64 reference
-// (CPython squares with pow(t, 2), we with t * t: they can differ only where pow is not correctly rounded, beyond
-// 0.5 ulp, and then only for offsets within an ulp of the boundary). Passes 1-3 store one index per class and pixel
-// in uint8 when the windows and the number of distinct values fit 8 bits (R = 10 isotropic: ~90 values), else
-// uint16, else uint32. Cost per pixel and class: 2 e + 1 one-byte loads per pass, mostly L1 hits; no float atomics.
-//
-// ---- dbce_ce_fwd / dbce_ce_bwd: one pass over the logits.
-//
-// A block handles one (image, chunk of kChunkPixels pixels); each thread walks the chunk with stride kThreads
-// (coalesced for NCHW; channels_last reads each pixel's C contiguous values), computes w_i from the mask bits and a
-// shared-memory copy of the image's class weights, and the logsumexp with an online max (one read of the logits, no
-// register array, any C <= 64). The forward reduces [sum w CE, sum w] in a fixed order (shuffle tree in each warp,
-// then the warps in order) into its own row of a partial buffer that a torch sum finishes: bitwise the same run to
-// run. The backward caches a pixel's logits in registers for C <= 16 (buckets 4, 8, 16) and streams them twice from
-// memory above; pixels whose scale w (g_sum + g_map) is 0 (ignored, invalid, empty mask) get zeros without reading
-// their logits.
+// The element. Every offset test is the reference's float64 inequality (structuring_element: the squares summed
+// D, H, W, or the cube's per-axis bound), evaluated here on the host into small integer tables, so the masks are
+// bitwise the reference's (CPython squares with pow(t, 2), we with t * t: they can differ only where pow is not
+// correctly rounded, and then only for offsets within an ulp of the boundary). Large elements are split exactly:
+// because fl(x + y) is monotone in x, the minimum of the partial sums over the first axes can be taken first (as a
+// rank among the distinct partial sums, a small integer) and the last axis's square added after:
+//   - 2 axes (X1, X2): rank pass along X1, then bit c iff some |k| has rank[i + k e2, c] <= max_rank[|k|], the
+//     largest rank whose value v satisfies fl(v + q2(k)) <= R^2 (1 + 1e-9);
+//   - 3 axes: rank pass over the (D, H) offsets as one list (when at most DBCE_MAX_BOX_OFFSETS pairs are inside),
+//     else a pass along D (the nearest |a|) and one along H (the rank of fl(q_D(a) + q_H(b))); then W as above.
+// The cube is the same code with all values 0.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -44,566 +29,49 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include "integer_load.h"
-
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
+#include "dbce_device.h"
+#include "host_utils.h"
+
 namespace torch_medloss {
+namespace dbce_cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-// Pixels per block of the chunked kernels: 16 per thread, enough to amortise the block reduction or histogram flush.
-// A constant: the partial sums, and so the results, must not depend on the GPU.
-constexpr int64_t kChunkPixels = int64_t{kThreads} * 16;
-// Grid-stride kernels (passes 1 and 2) launch at most this many blocks.
-constexpr int64_t kMaxStrideBlocks = int64_t{1} << 16;
-// A mask holds one bit per class.
-constexpr int64_t kMaxClasses = 64;
-// Backward: classes held in registers at most; above, the classes are streamed.
-constexpr int kBackwardCached = 16;
-// cls value of ignored and invalid pixels.
-constexpr uint8_t kNoClass = 255;
-constexpr int64_t kElementBall = 0, kElementCube = 1;
+// Partial rows (image, chunk) at most over the batch and per image, for the launches whose last block reads them
+// all (the final masks pass, the cross entropy forward); then a block walks several steps.
+constexpr int64_t kMaxRows = 2048;
+constexpr int64_t kMaxRowsPerImage = 1024;
 // The reference's tolerance on the element's boundary (structuring_element).
 constexpr double kBoundaryTolerance = 1e-9;
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
+// (chunks per image, pixels per chunk): one step per chunk, or, with ``capped``, at most kMaxRowsPerImage chunks
+// per image and kMaxRows over the batch. An empty image still has one (empty) chunk.
+std::pair<int64_t, int64_t> chunk_layout(int64_t batch, int64_t pixels, bool capped) {
+  const int64_t steps = std::max<int64_t>(1, ceil_div(pixels, kStepPixels));
+  int64_t steps_per_chunk = 1;
+  if (capped) {
+    const int64_t cap = std::max<int64_t>(1, std::min(kMaxRowsPerImage, kMaxRows / std::max<int64_t>(batch, 1)));
+    steps_per_chunk = ceil_div(steps, cap);
+  }
+  return {ceil_div(steps, steps_per_chunk), steps_per_chunk * kStepPixels};
 }
 
-// Bits 0 .. C-1.
-__host__ __device__ __forceinline__ uint64_t class_bits(int64_t classes) {
-  return classes >= 64 ? ~uint64_t{0} : (uint64_t{1} << classes) - 1;
+void check_grid(const char* op, int64_t batch, int64_t chunks) {
+  TORCH_CHECK(chunks <= INT_MAX && batch <= INT_MAX / chunks, op, ": too many pixels for one grid (B = ", batch,
+              ", ", chunks, " blocks per image)");
 }
 
-// ============================================================================================= dbce_masks kernels
-
-// Sizes and strides of the labels (B, D, H, W), P = D * H * W pixels per image; windows of passes 1-3.
-struct MaskProblem {
-  int64_t batch, depth, height, width, pixels, classes, chunks;
-  int64_t l_b, l_d, l_h, l_w;  // labels strides
-  int64_t ignore_index;
-  int64_t reach_d, reach_h, reach_w;  // window half-widths (e_D, e_H, e_W or the cube's r_k), <= size - 1
-  int label_type;
-};
-
-// Adds this warp's count of the threads where `flag` holds to row[slot] (one lane writes: no atomics).
-__device__ __forceinline__ void warp_count(unsigned int* row, int slot, bool flag) {
-  const unsigned int vote = __ballot_sync(0xffffffffu, flag);
-  if (threadIdx.x % 32 == 0) {
-    row[slot] += __popc(vote);
-  }
+at::ScalarType mask_dtype(int64_t classes) {
+  return classes <= 8 ? at::kByte : classes <= 16 ? at::kShort : classes <= 32 ? at::kInt : at::kLong;
 }
-
-// Flushes the per-warp counters warp_counts[kWarps][slots] (in warp order) to out[0 .. slots) with integer atomics.
-__device__ __forceinline__ void flush_counts(unsigned long long* out, unsigned int (*warp_counts)[kMaxClasses + 1],
-                                             int slots) {
-  __syncthreads();
-  for (int s = threadIdx.x; s < slots; s += kThreads) {
-    unsigned long long total = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      total += warp_counts[w][s];
-    }
-    if (total != 0) {
-      atomicAdd(out + s, total);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------- 0. classify
-
-// cls: (B, P) uint8, every entry written once. counts: (B, C), invalid: (B,), int64 zeroed (added to atomically;
-// integer sums do not depend on the order). labels: (B, D, H, W) with strides l_*. Grid: B * chunks blocks.
-__global__ void __launch_bounds__(kThreads) dbce_classify_kernel(
-    // Output
-    uint8_t* __restrict__ cls, unsigned long long* __restrict__ counts, unsigned long long* __restrict__ invalid,
-    // Input
-    const void* __restrict__ labels,
-    // Sizes, strides and options
-    const MaskProblem pr) {
-  __shared__ unsigned int warp_counts[kWarps][kMaxClasses + 1];  // C classes, then invalid at slot C
-  const int slots = static_cast<int>(pr.classes) + 1;
-  const int warp = threadIdx.x / 32;
-  for (int s = threadIdx.x % 32; s < slots; s += 32) {
-    warp_counts[warp][s] = 0;
-  }
-  __syncwarp();
-
-  const int64_t image = static_cast<int64_t>(blockIdx.x) / pr.chunks;
-  const int64_t begin = (static_cast<int64_t>(blockIdx.x) % pr.chunks) * kChunkPixels;
-  const int64_t end = min(pr.pixels, begin + kChunkPixels);
-  const int64_t plane = pr.height * pr.width;
-  // Uniform trip count: every lane takes part in the ballots.
-  for (int64_t base = begin; base < end; base += kThreads) {
-    const int64_t i = base + threadIdx.x;
-    int64_t label = pr.ignore_index;
-    if (i < end) {
-      const int64_t d = i / plane;
-      const int64_t h = (i / pr.width) % pr.height;
-      const int64_t w = i % pr.width;
-      label = load_int(labels, pr.label_type, image * pr.l_b + d * pr.l_d + h * pr.l_h + w * pr.l_w);
-    }
-    // One unsigned comparison rejects both label < 0 and label >= C.
-    const bool in_range = static_cast<uint64_t>(label) < static_cast<uint64_t>(pr.classes);
-    const bool ignored = label == pr.ignore_index;
-    const bool valid = in_range && !ignored;
-    if (i < end) {
-      cls[image * pr.pixels + i] = valid ? static_cast<uint8_t>(label) : kNoClass;
-    }
-    for (int c = 0; c < pr.classes; ++c) {
-      warp_count(warp_counts[warp], c, valid && label == c);
-    }
-    warp_count(warp_counts[warp], slots - 1, i < end && !in_range && !ignored);
-  }
-
-  flush_counts(counts + image * pr.classes, warp_counts, slots - 1);
-  if (threadIdx.x == 0) {
-    unsigned long long total = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      total += warp_counts[w][slots - 1];
-    }
-    if (total != 0) {
-      atomicAdd(invalid + image, total);
-    }
-  }
-}
-
-// ----------------------------------------------------------------------------------------------- 1. along D
-
-// nearest: (B, C, P) index_t, every entry written once: min |a| <= reach_d with cls[i + a H W] == c, else kInf.
-// cls: (B, P). Grid-stride over the B * P pixels; each thread finds every class of its pixel's D-column window.
-template <typename index_t>
-__global__ void __launch_bounds__(kThreads) dbce_nearest_d_kernel(
-    // Output
-    index_t* __restrict__ nearest,
-    // Input
-    const uint8_t* __restrict__ cls,
-    // Sizes
-    const MaskProblem pr) {
-  constexpr index_t kInf = static_cast<index_t>(~index_t{0});  // the largest value (unsigned)
-  const int64_t plane = pr.height * pr.width;
-  const uint64_t all = class_bits(pr.classes);
-  const int64_t total = pr.batch * pr.pixels;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total; e += stride) {
-    const int64_t image = e / pr.pixels;
-    const int64_t i = e % pr.pixels;
-    const int64_t d = i / plane;
-    index_t* out = nearest + image * pr.classes * pr.pixels + i;
-    uint64_t found = 0;
-    for (int64_t dist = 0; dist <= pr.reach_d && found != all; ++dist) {
-      uint64_t bits = 0;
-      if (d - dist >= 0) {
-        const uint8_t v = cls[e - dist * plane];
-        bits |= v < 64 ? uint64_t{1} << v : 0;
-      }
-      if (dist > 0 && d + dist < pr.depth) {
-        const uint8_t v = cls[e + dist * plane];
-        bits |= v < 64 ? uint64_t{1} << v : 0;
-      }
-      uint64_t fresh = bits & ~found;
-      found |= bits;
-      while (fresh != 0) {
-        const int c = __ffsll(static_cast<long long>(fresh)) - 1;
-        fresh &= fresh - 1;
-        out[c * pr.pixels] = static_cast<index_t>(dist);
-      }
-    }
-    uint64_t missing = all & ~found;
-    while (missing != 0) {
-      const int c = __ffsll(static_cast<long long>(missing)) - 1;
-      missing &= missing - 1;
-      out[c * pr.pixels] = kInf;
-    }
-  }
-}
-
-// ----------------------------------------------------------------------------------------------- 2. along H
-
-// rank: (B, C, P) index_t, every entry written once: min over |b| <= reach_h of table[nearest[i + b W]][|b|].
-// nearest: (B, C, P); table: (reach_d + 1, reach_h + 1) index_t (kInf where the pair is outside the element).
-template <typename index_t>
-__global__ void __launch_bounds__(kThreads) dbce_rank_h_kernel(
-    // Output
-    index_t* __restrict__ rank,
-    // Input
-    const index_t* __restrict__ nearest, const index_t* __restrict__ table,
-    // Sizes
-    const MaskProblem pr) {
-  constexpr index_t kInf = static_cast<index_t>(~index_t{0});  // the largest value (unsigned)
-  const int64_t row = pr.reach_h + 1;
-  const int64_t total = pr.batch * pr.classes * pr.pixels;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total; e += stride) {
-    const int64_t h = (e / pr.width) % pr.height;
-    const int64_t low = max(-h, -pr.reach_h);
-    const int64_t high = min(pr.height - 1 - h, pr.reach_h);
-    index_t best = kInf;
-    for (int64_t b = low; b <= high; ++b) {
-      const index_t a = nearest[e + b * pr.width];
-      if (a != kInf) {
-        const index_t r = __ldg(table + static_cast<int64_t>(a) * row + (b < 0 ? -b : b));
-        best = r < best ? r : best;
-      }
-    }
-    rank[e] = best;
-  }
-}
-
-// ------------------------------------------------------------------------------------------ 3. along W, masks
-
-// masks: (B, P) mask_t, every entry written once. areas: (B, C) int64 zeroed (integer atomics). rank: (B, C, P);
-// cls: (B, P); max_rank: (reach_w + 1,) int32, non-increasing, -1 where no rank fits. Grid: B * chunks blocks.
-template <typename index_t, typename mask_t>
-__global__ void __launch_bounds__(kThreads) dbce_masks_w_kernel(
-    // Output
-    mask_t* __restrict__ masks, unsigned long long* __restrict__ areas,
-    // Input
-    const index_t* __restrict__ rank, const uint8_t* __restrict__ cls, const int32_t* __restrict__ max_rank,
-    // Sizes
-    const MaskProblem pr) {
-  using bits_t = std::make_unsigned_t<mask_t>;
-  __shared__ unsigned int warp_counts[kWarps][kMaxClasses + 1];
-  const int classes = static_cast<int>(pr.classes);
-  const int warp = threadIdx.x / 32;
-  for (int s = threadIdx.x % 32; s < classes; s += 32) {
-    warp_counts[warp][s] = 0;
-  }
-  __syncwarp();
-
-  const int64_t image = static_cast<int64_t>(blockIdx.x) / pr.chunks;
-  const int64_t begin = (static_cast<int64_t>(blockIdx.x) % pr.chunks) * kChunkPixels;
-  const int64_t end = min(pr.pixels, begin + kChunkPixels);
-  for (int64_t base = begin; base < end; base += kThreads) {
-    const int64_t i = base + threadIdx.x;
-    uint64_t bits = 0;
-    if (i < end && cls[image * pr.pixels + i] != kNoClass) {
-      const int64_t w = i % pr.width;
-      const int64_t left = min(w, pr.reach_w);
-      const int64_t right = min(pr.width - 1 - w, pr.reach_w);
-      const index_t* column = rank + image * pr.classes * pr.pixels + i;
-      for (int c = 0; c < classes; ++c, column += pr.pixels) {
-        for (int64_t k = 0; k <= max(left, right); ++k) {
-          const int32_t limit = __ldg(max_rank + k);
-          if (limit < 0) {
-            break;
-          }
-          if ((k <= left && static_cast<int32_t>(column[-k]) <= limit) ||
-              (k <= right && static_cast<int32_t>(column[k]) <= limit)) {
-            bits |= uint64_t{1} << c;
-            break;
-          }
-        }
-      }
-    }
-    if (i < end) {
-      masks[image * pr.pixels + i] = static_cast<mask_t>(static_cast<bits_t>(bits));
-    }
-    for (int c = 0; c < classes; ++c) {
-      warp_count(warp_counts[warp], c, (bits >> c) & 1);
-    }
-  }
-  flush_counts(areas + image * pr.classes, warp_counts, classes);
-}
-
-// ============================================================================================ dbce_ce kernels
-
-// Sizes, strides (in elements) and options of the cross entropy ops.
-struct CeProblem {
-  int64_t classes, pixels, chunks;
-  int64_t x_b, x_c, x_s;  // logits
-  int64_t g_b, g_c, g_s;  // grad_logits (backward)
-  int64_t l_b, l_s;       // labels
-  int64_t m_b, m_s;       // masks
-  int64_t ignore_index;
-  int label_type, mask_type;
-  bool write_map;
-};
-
-// The image's class weights into shared memory (C <= 64 floats).
-__device__ __forceinline__ void load_weights(float* shared, const float* class_weights, const CeProblem& pr,
-                                             int64_t image) {
-  for (int c = threadIdx.x; c < pr.classes; c += kThreads) {
-    shared[c] = class_weights[image * pr.classes + c];
-  }
-  __syncthreads();
-}
-
-// w_i and the label of pixel i (-1 where it is not valid: out of range or ignore_index; then w = 0). The mask is
-// sign-extended like the reference's masks.long(); w = max over c < C of (bit c ? cw_c : 0), as amax does.
-__device__ __forceinline__ float pixel_weight(const CeProblem& pr, const void* labels, const void* masks,
-                                              const float* weights, int64_t image, int64_t i, int64_t& label) {
-  const int64_t raw = load_int(labels, pr.label_type, image * pr.l_b + i * pr.l_s);
-  const bool valid = static_cast<uint64_t>(raw) < static_cast<uint64_t>(pr.classes) && raw != pr.ignore_index;
-  label = valid ? raw : -1;
-  if (!valid) {
-    return 0.0f;
-  }
-  const uint64_t all = class_bits(pr.classes);
-  uint64_t bits = static_cast<uint64_t>(load_int(masks, pr.mask_type, image * pr.m_b + i * pr.m_s)) & all;
-  float w = bits == all ? -INFINITY : 0.0f;  // an unset bit contributes a 0 to the reference's amax
-  while (bits != 0) {
-    const int c = __ffsll(static_cast<long long>(bits)) - 1;
-    bits &= bits - 1;
-    w = fmaxf(w, weights[c]);
-  }
-  return w;
-}
-
-// ---------------------------------------------------------------------------------------------------- forward
-
-// partial: (B, chunks, 2) float32, every entry written once; map: (B, S) float32 contiguous when write_map (every
-// entry written), else unused. logits: (B, C, S) with strides x_*; labels, masks: (B, S) with strides l_*, m_*;
-// class_weights: (B, C) float32 contiguous. Grid: B * chunks blocks.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) dbce_ce_fwd_kernel(
-    // Output
-    float* __restrict__ partial, float* __restrict__ map,
-    // Input
-    const scalar_t* __restrict__ logits, const void* __restrict__ labels, const void* __restrict__ masks,
-    const float* __restrict__ class_weights,
-    // Sizes, strides and options
-    const CeProblem pr) {
-  __shared__ float weights[kMaxClasses];
-  __shared__ float warp_sums[kWarps][2];
-  const int64_t image = static_cast<int64_t>(blockIdx.x) / pr.chunks;
-  const int64_t begin = (static_cast<int64_t>(blockIdx.x) % pr.chunks) * kChunkPixels;
-  const int64_t end = min(pr.pixels, begin + kChunkPixels);
-  load_weights(weights, class_weights, pr, image);
-
-  float sum_wce = 0.0f;
-  float sum_w = 0.0f;
-  const scalar_t* x_image = logits + image * pr.x_b;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    int64_t label;
-    const float w = pixel_weight(pr, labels, masks, weights, image, i, label);
-    float value = 0.0f;
-    if (label >= 0) {
-      // Online logsumexp: one read of each logit; the label's logit is picked up on the way.
-      const scalar_t* x_pixel = x_image + i * pr.x_s;
-      float max = -INFINITY;
-      float sum = 0.0f;
-      float picked = 0.0f;
-      for (int64_t c = 0; c < pr.classes; ++c) {
-        const float x = static_cast<float>(x_pixel[c * pr.x_c]);
-        if (x > max) {
-          sum = sum * expf(max - x) + 1.0f;
-          max = x;
-        } else {
-          sum += expf(x - max);
-        }
-        picked = c == label ? x : picked;
-      }
-      value = w * (max + logf(sum) - picked);
-      sum_wce += value;
-      sum_w += w;
-    }
-    if (pr.write_map) {
-      map[image * pr.pixels + i] = value;
-    }
-  }
-
-  // Fixed-order block reduction: a shuffle tree in each warp, then the warps in order.
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    sum_wce += __shfl_down_sync(0xffffffffu, sum_wce, offset);
-    sum_w += __shfl_down_sync(0xffffffffu, sum_w, offset);
-  }
-  if (lane == 0) {
-    warp_sums[warp][0] = sum_wce;
-    warp_sums[warp][1] = sum_w;
-  }
-  __syncthreads();
-  if (threadIdx.x < 2) {
-    float total = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      total += warp_sums[w][threadIdx.x];
-    }
-    partial[static_cast<int64_t>(blockIdx.x) * 2 + threadIdx.x] = total;
-  }
-}
-
-// --------------------------------------------------------------------------------------------------- backward
-
-// grad: (B, C, S) with strides g_*, every element written once. grad_sums: (B, 2) float32 contiguous; grad_map:
-// (B, S) float32 contiguous when write_map, else unused. Grid: B * chunks blocks. kCache > 0: C <= kCache, a pixel's
-// logits stay in registers; kCache == 0: they are read twice from memory (L1 hits).
-template <typename scalar_t, int kCache>
-__global__ void __launch_bounds__(kThreads) dbce_ce_bwd_kernel(
-    // Output
-    scalar_t* __restrict__ grad,
-    // Input
-    const float* __restrict__ grad_sums, const float* __restrict__ grad_map, const scalar_t* __restrict__ logits,
-    const void* __restrict__ labels, const void* __restrict__ masks, const float* __restrict__ class_weights,
-    // Sizes, strides and options
-    const CeProblem pr) {
-  constexpr bool kCached = kCache > 0;
-  constexpr int kSlots = kCached ? kCache : 1;
-  __shared__ float weights[kMaxClasses];
-  const int64_t image = static_cast<int64_t>(blockIdx.x) / pr.chunks;
-  const int64_t begin = (static_cast<int64_t>(blockIdx.x) % pr.chunks) * kChunkPixels;
-  const int64_t end = min(pr.pixels, begin + kChunkPixels);
-  load_weights(weights, class_weights, pr, image);
-  const float grad_sum = grad_sums[image * 2];
-  const scalar_t* x_image = logits + image * pr.x_b;
-  scalar_t* g_image = grad + image * pr.g_b;
-
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    int64_t label;
-    const float w = pixel_weight(pr, labels, masks, weights, image, i, label);
-    // d loss / d CE_i, as the reference's autograd forms it: (g_sum + g_map) w.
-    const float upstream = pr.write_map ? grad_sum + grad_map[image * pr.pixels + i] : grad_sum;
-    const float scale = label >= 0 ? upstream * w : 0.0f;
-    scalar_t* g_pixel = g_image + i * pr.g_s;
-    if (scale == 0.0f) {
-      for (int64_t c = 0; c < pr.classes; ++c) {
-        g_pixel[c * pr.g_c] = static_cast<scalar_t>(0.0f);
-      }
-      continue;
-    }
-    const scalar_t* x_pixel = x_image + i * pr.x_s;
-    // 1. max and sum_c exp(x_c - max), then lse.
-    float cache[kSlots];
-    float max = -INFINITY;
-    if constexpr (kCached) {
-#pragma unroll
-      for (int c = 0; c < kSlots; ++c) {
-        cache[c] = c < pr.classes ? static_cast<float>(x_pixel[c * pr.x_c]) : -INFINITY;
-        max = fmaxf(max, cache[c]);
-      }
-    } else {
-      for (int64_t c = 0; c < pr.classes; ++c) {
-        max = fmaxf(max, static_cast<float>(x_pixel[c * pr.x_c]));
-      }
-    }
-    float sum = 0.0f;
-    if constexpr (kCached) {
-#pragma unroll
-      for (int c = 0; c < kSlots; ++c) {
-        sum += c < pr.classes ? expf(cache[c] - max) : 0.0f;
-      }
-    } else {
-      for (int64_t c = 0; c < pr.classes; ++c) {
-        sum += expf(static_cast<float>(x_pixel[c * pr.x_c]) - max);
-      }
-    }
-    const float lse = max + logf(sum);
-    // 2. dx_c = scale softmax_c - scale [c = label], softmax as the reference's logsumexp backward: exp(x - lse).
-    const auto write = [&](int64_t c, float x) {
-      const float dx = scale * expf(x - lse) - (c == label ? scale : 0.0f);
-      g_pixel[c * pr.g_c] = static_cast<scalar_t>(dx);
-    };
-    if constexpr (kCached) {
-#pragma unroll
-      for (int c = 0; c < kSlots; ++c) {
-        if (c < pr.classes) {
-          write(c, cache[c]);
-        }
-      }
-    } else {
-      for (int64_t c = 0; c < pr.classes; ++c) {
-        write(c, static_cast<float>(x_pixel[c * pr.x_c]));
-      }
-    }
-  }
-}
-
-// ============================================================================================= host: dbce_masks
-
-// The separable form of the element (see the top of the file): windows, the (reach_d + 1, reach_h + 1) rank table
-// and max_rank (reach_w + 1). Computed in float64 with the reference's expressions and operation order.
-struct Element {
-  int64_t reach_d = 0, reach_h = 0, reach_w = 0;
-  int64_t values = 0;        // distinct ranks
-  std::vector<int64_t> table;  // rank, or -1 outside the element
-  std::vector<int32_t> max_rank;
-};
-
-Element make_element(int64_t element, double radius, const std::vector<double>& spacing,
-                     const std::vector<int64_t>& sizes) {
-  const double scale = 1.0 + kBoundaryTolerance;
-  int64_t extent[3];
-  for (int k = 0; k < 3; ++k) {
-    // floor(radius / s * (1 + tol)) as in structuring_element; offsets past the image never land in it.
-    const double e = std::floor(radius / spacing[k] * scale);
-    extent[k] = static_cast<int64_t>(std::min(e, static_cast<double>(sizes[k] - 1)));
-  }
-  Element el;
-  if (element == kElementCube) {
-    // max_k |o_k s_k| <= radius (1 + tol): an interval per axis.
-    const double bound = radius * scale;
-    int64_t reach[3];
-    for (int k = 0; k < 3; ++k) {
-      reach[k] = extent[k];
-      while (reach[k] > 0 && !(static_cast<double>(reach[k]) * spacing[k] <= bound)) {
-        --reach[k];
-      }
-    }
-    el.reach_d = reach[0];
-    el.reach_h = reach[1];
-    el.reach_w = reach[2];
-    el.values = 1;
-    el.table.assign((el.reach_d + 1) * (el.reach_h + 1), 0);
-    el.max_rank.assign(el.reach_w + 1, 0);
-    return el;
-  }
-  // Ball: sum_k (o_k s_k)^2 <= radius^2 (1 + tol), summed D, H, W as the reference's sum() does.
-  const double limit = radius * radius * scale;
-  el.reach_d = extent[0];
-  el.reach_h = extent[1];
-  el.reach_w = extent[2];
-  const auto square = [&](int64_t o, int k) {
-    const double t = static_cast<double>(o) * spacing[k];
-    return t * t;
-  };
-  std::vector<double> pair((el.reach_d + 1) * (el.reach_h + 1));
-  std::vector<double> inside;
-  for (int64_t a = 0; a <= el.reach_d; ++a) {
-    for (int64_t b = 0; b <= el.reach_h; ++b) {
-      const double v = square(a, 0) + square(b, 1);
-      pair[a * (el.reach_h + 1) + b] = v;
-      if (v <= limit) {
-        inside.push_back(v);
-      }
-    }
-  }
-  std::sort(inside.begin(), inside.end());
-  inside.erase(std::unique(inside.begin(), inside.end()), inside.end());
-  el.values = static_cast<int64_t>(inside.size());  // >= 1: (0, 0) is inside
-  el.table.resize(pair.size());
-  for (size_t p = 0; p < pair.size(); ++p) {
-    const auto it = std::lower_bound(inside.begin(), inside.end(), pair[p]);
-    el.table[p] = (it != inside.end() && *it == pair[p]) ? static_cast<int64_t>(it - inside.begin()) : -1;
-  }
-  el.max_rank.resize(el.reach_w + 1);
-  int64_t r = el.values - 1;
-  for (int64_t k = 0; k <= el.reach_w; ++k) {  // non-increasing in k
-    const double q = square(k, 2);
-    while (r >= 0 && !(inside[r] + q <= limit)) {
-      --r;
-    }
-    el.max_rank[k] = static_cast<int32_t>(r);
-  }
-  return el;
-}
-
-// A dtype as a value, for generic lambdas: Type<T>{} carries T.
-template <typename T>
-struct Type {
-  using type = T;
-};
 
 // Calls body(Type<mask_t>{}) for the mask dtype of C classes.
 template <typename Body>
@@ -624,56 +92,654 @@ void dispatch_mask(at::ScalarType dtype, const Body& body) {
   }
 }
 
-at::ScalarType mask_dtype(int64_t classes) {
-  return classes <= 8 ? at::kByte : classes <= 16 ? at::kShort : classes <= 32 ? at::kInt : at::kLong;
-}
-
-int grid_stride_blocks(int64_t total) {
-  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(total, kThreads), kMaxStrideBlocks)));
-}
-
-// A signed dtype of index_t's width stores the indices (only bytes are copied; the kernels read index_t).
-template <typename index_t>
-at::ScalarType index_storage() {
-  return sizeof(index_t) == 1 ? at::kByte : sizeof(index_t) == 2 ? at::kShort : at::kInt;
-}
-
-template <typename index_t>
-void launch_masks(const MaskProblem& pr, const Element& el, const at::Tensor& cls, at::Tensor& masks,
-                  at::Tensor& areas, cudaStream_t stream) {
-  constexpr int64_t kInf = std::numeric_limits<index_t>::max();
-  const at::TensorOptions on_device = cls.options();
-  // The tables, from pinned memory: the copy is asynchronous (no hidden sync).
-  const at::TensorOptions pinned = at::TensorOptions().pinned_memory(true);
-  at::Tensor table_host = at::empty({static_cast<int64_t>(el.table.size())},
-                                    pinned.dtype(index_storage<index_t>()));
-  index_t* table_ptr = static_cast<index_t*>(table_host.data_ptr());
-  for (size_t p = 0; p < el.table.size(); ++p) {
-    table_ptr[p] = el.table[p] < 0 ? static_cast<index_t>(kInf) : static_cast<index_t>(el.table[p]);
+// Calls body(Type<index_t>{}) for rank buffers of ``bytes`` bytes per entry.
+template <typename Body>
+void dispatch_index(int bytes, const Body& body) {
+  if (bytes == 1) {
+    body(Type<uint8_t>{});
+  } else if (bytes == 2) {
+    body(Type<uint16_t>{});
+  } else {
+    body(Type<uint32_t>{});
   }
-  at::Tensor max_rank_host = at::empty({static_cast<int64_t>(el.max_rank.size())}, pinned.dtype(at::kInt));
-  std::copy(el.max_rank.begin(), el.max_rank.end(), max_rank_host.mutable_data_ptr<int32_t>());
-  const at::Tensor table = table_host.to(on_device.dtype(table_host.scalar_type()), /*non_blocking=*/true);
-  const at::Tensor max_rank = max_rank_host.to(on_device.dtype(at::kInt), /*non_blocking=*/true);
+}
 
-  const int64_t entries = pr.batch * pr.classes * pr.pixels;
-  at::Tensor nearest = at::empty({entries}, on_device.dtype(table.scalar_type()));
-  at::Tensor rank = at::empty({entries}, on_device.dtype(table.scalar_type()));
-  dbce_nearest_d_kernel<index_t><<<grid_stride_blocks(pr.batch * pr.pixels), kThreads, 0, stream>>>(
-      static_cast<index_t*>(nearest.data_ptr()), cls.const_data_ptr<uint8_t>(), pr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  dbce_rank_h_kernel<index_t><<<grid_stride_blocks(entries), kThreads, 0, stream>>>(
-      static_cast<index_t*>(rank.data_ptr()), static_cast<const index_t*>(nearest.const_data_ptr()),
-      static_cast<const index_t*>(table.const_data_ptr()), pr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  dispatch_mask(masks.scalar_type(), [&](auto type) {
-    using mask_t = typename decltype(type)::type;
-    dbce_masks_w_kernel<index_t, mask_t><<<static_cast<unsigned>(pr.batch * pr.chunks), kThreads, 0, stream>>>(
-        static_cast<mask_t*>(masks.data_ptr()), reinterpret_cast<unsigned long long*>(areas.data_ptr<int64_t>()),
-        static_cast<const index_t*>(rank.const_data_ptr()), cls.const_data_ptr<uint8_t>(),
-        max_rank.const_data_ptr<int32_t>(), pr);
+// Labels (B, D, H, W), any strides, as the kernels read them.
+Volume make_volume(const at::Tensor& labels, int64_t classes, int64_t ignore_index) {
+  Volume vol{};
+  vol.depth = labels.size(1);
+  vol.height = labels.size(2);
+  vol.width = labels.size(3);
+  vol.pixels = vol.depth * vol.height * vol.width;
+  vol.l_b = labels.stride(0);
+  vol.l_d = labels.stride(1);
+  vol.l_h = labels.stride(2);
+  vol.l_w = labels.stride(3);
+  // Whether i = (d H + h) W + w is one stride away from i + 1 throughout: the innermost dim of size > 1 gives the
+  // stride, every outer one of size > 1 must continue it.
+  int64_t step = 0;
+  int64_t span = 1;
+  vol.flat = true;
+  for (int dim = 3; dim >= 1; --dim) {
+    if (labels.size(dim) == 1) {
+      continue;
+    }
+    if (step == 0) {
+      step = labels.stride(dim);
+    } else if (labels.stride(dim) != step * span) {
+      vol.flat = false;
+    }
+    span *= labels.size(dim);
+  }
+  vol.l_flat = step;
+  vol.label_type = value_type(labels.scalar_type());
+  vol.classes = classes;
+  vol.ignore_index = ignore_index;
+  return vol;
+}
+
+// ------------------------------------------------------------------------------------------ the element's plan
+
+// The element along D, H, W: the offsets the reference enumerates (|o_k| <= reach[k]: the ball's extents
+// min(floor(R / s_k (1 + 1e-9)), n_k - 1), the cube's windows inside them) and its float64 test.
+struct Element {
+  bool ball = true;
+  double limit = 0.0;  // ball: R^2 (1 + 1e-9)
+  double spacing[3] = {1.0, 1.0, 1.0};
+  int64_t reach[3] = {0, 0, 0};
+
+  double square(int axis, int64_t o) const {
+    const double t = static_cast<double>(o) * spacing[axis];
+    return t * t;
+  }
+  // The reference's sum over the axes in order (Python's sum starts from 0; axes left out add 0.0, exactly).
+  double value(int64_t a, int64_t b, int64_t k) const {
+    return (square(0, a) + square(1, b)) + square(2, k);
+  }
+  bool inside(int64_t a, int64_t b, int64_t k) const {
+    if (!ball) {
+      return std::abs(a) <= reach[0] && std::abs(b) <= reach[1] && std::abs(k) <= reach[2];
+    }
+    return value(a, b, k) <= limit;
+  }
+};
+
+Element make_element(int64_t element, double radius, at::ArrayRef<double> spacing, const int64_t sizes[3]) {
+  const double scale = 1.0 + kBoundaryTolerance;
+  Element el;
+  el.ball = element == K::ELEMENT_BALL;
+  el.limit = radius * radius * scale;
+  for (int k = 0; k < 3; ++k) {
+    el.spacing[k] = spacing[k];
+    // reference.dbce._element_within: min(floor(R / s (1 + tol)), n - 1), clamped first (R / s may be inf).
+    const double reach = radius / spacing[k] * scale;
+    el.reach[k] = reach >= static_cast<double>(sizes[k] - 1) ? sizes[k] - 1 : static_cast<int64_t>(std::floor(reach));
+    if (!el.ball) {
+      // max_k |o_k s_k| <= R (1 + tol): the window is the largest such o within the extent.
+      const double bound = radius * scale;
+      while (el.reach[k] > 0 && !(static_cast<double>(el.reach[k]) * spacing[k] <= bound)) {
+        --el.reach[k];
+      }
+    }
+  }
+  return el;
+}
+
+enum PassKind { kRankList, kRankWindow, kMiddle, kFinalList, kFinalLabelsWindow, kFinalRanks };
+
+struct PlannedPass {
+  PassKind kind;
+  int axis = 2;  // window passes: 0 D, 1 H, 2 W
+  int64_t reach = 0;
+  int64_t table = 0;  // offset in Plan::tables
+  int64_t list_size = 0;
+  int64_t pair_row = 0;
+};
+
+struct Plan {
+  std::vector<PlannedPass> passes;
+  std::vector<int32_t> tables;
+  int index_bytes = 1;  // the rank buffers' entries
+};
+
+// Dense ranks of ``values`` among the sorted distinct ``inside`` ones.
+int64_t dense_rank(const std::vector<double>& distinct, double value) {
+  return std::lower_bound(distinct.begin(), distinct.end(), value) - distinct.begin();
+}
+
+// max_rank[k], k = 0 .. reach along the last axis: the largest rank r whose value v (distinct[r]) is inside with
+// the offset k (fl(v + q(k)) <= limit; the cube: every in-window offset), -1 if none. Non-increasing in k.
+std::vector<int32_t> max_ranks(const Element& el, int axis, const std::vector<double>& distinct) {
+  std::vector<int32_t> out(el.reach[axis] + 1);
+  int64_t r = static_cast<int64_t>(distinct.size()) - 1;
+  for (int64_t k = 0; k <= el.reach[axis]; ++k) {
+    if (el.ball) {
+      const double q = el.square(axis, k);
+      while (r >= 0 && !(distinct[r] + q <= el.limit)) {
+        --r;
+      }
+    }
+    out[k] = static_cast<int32_t>(r);
+  }
+  return out;
+}
+
+int index_bytes_for(int64_t largest) {
+  // The largest value of the type marks "no hit", so it must exceed every stored index.
+  if (largest < std::numeric_limits<uint8_t>::max()) {
+    return 1;
+  }
+  if (largest < std::numeric_limits<uint16_t>::max()) {
+    return 2;
+  }
+  TORCH_CHECK(largest < static_cast<int64_t>(std::numeric_limits<uint32_t>::max()),
+              "torch_medloss::dbce CUDA: the element is too large (", largest, " distinct offset lengths)");
+  return 4;
+}
+
+Plan make_plan(const Element& el) {
+  Plan plan;
+  std::vector<int> active;
+  for (int k = 0; k < 3; ++k) {
+    if (el.reach[k] > 0) {
+      active.push_back(k);
+    }
+  }
+  const auto add_table = [&](const std::vector<int32_t>& table) {
+    const int64_t at = static_cast<int64_t>(plan.tables.size());
+    plan.tables.insert(plan.tables.end(), table.begin(), table.end());
+    return at;
+  };
+
+  // 1. The whole element as one list of offsets, when it is small (every element with up to kMaxList offsets).
+  std::vector<int32_t> list;
+  int64_t count = 0;
+  for (int64_t a = -el.reach[0]; a <= el.reach[0] && count <= kMaxList; ++a) {
+    for (int64_t b = -el.reach[1]; b <= el.reach[1] && count <= kMaxList; ++b) {
+      for (int64_t k = -el.reach[2]; k <= el.reach[2] && count <= kMaxList; ++k) {
+        if (el.inside(a, b, k)) {
+          list.insert(list.end(), {static_cast<int32_t>(a), static_cast<int32_t>(b), static_cast<int32_t>(k), 0});
+          ++count;
+        }
+      }
+    }
+  }
+  if (count <= kMaxList) {
+    PlannedPass pass{kFinalList};
+    pass.list_size = count;
+    pass.table = add_table(list);
+    plan.passes.push_back(pass);
+    return plan;
+  }
+
+  // 2. One axis: a window over the labels, table[k] >= 0 where the offset is inside.
+  if (active.size() == 1) {
+    const int axis = active[0];
+    std::vector<int32_t> table(el.reach[axis] + 1);
+    for (int64_t k = 0; k <= el.reach[axis]; ++k) {
+      const int64_t o[3] = {axis == 0 ? k : 0, axis == 1 ? k : 0, axis == 2 ? k : 0};
+      table[k] = el.inside(o[0], o[1], o[2]) ? 0 : -1;
+    }
+    PlannedPass pass{kFinalLabelsWindow};
+    pass.axis = axis;
+    pass.reach = el.reach[axis];
+    pass.table = add_table(table);
+    plan.passes.push_back(pass);
+    return plan;
+  }
+
+  const int last = active.back();
+  // The partial sums of the first axes: ball values (0 for the cube, whose offsets are all inside the windows).
+  const auto first_value = [&](int64_t a, int64_t b) {
+    if (!el.ball) {
+      return 0.0;
+    }
+    return el.square(0, a) + el.square(1, b);  // the axes after the first group add their squares later
+  };
+  if (active.size() == 2) {
+    // 3. Two axes X1, X2: ranks of q1(a) along X1, then the window along X2.
+    const int axis = active[0];
+    std::vector<double> values(el.reach[axis] + 1);
+    std::vector<double> distinct;
+    for (int64_t a = 0; a <= el.reach[axis]; ++a) {
+      values[a] = first_value(axis == 0 ? a : 0, axis == 1 ? a : 0);
+      if (!el.ball || values[a] <= el.limit) {
+        distinct.push_back(values[a]);
+      }
+    }
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    std::vector<int32_t> ranks(values.size());
+    for (size_t a = 0; a < values.size(); ++a) {
+      ranks[a] = (!el.ball || values[a] <= el.limit) ? static_cast<int32_t>(dense_rank(distinct, values[a])) : -1;
+    }
+    PlannedPass first{kRankWindow};
+    first.axis = axis;
+    first.reach = el.reach[axis];
+    first.table = add_table(ranks);
+    PlannedPass final_pass{kFinalRanks};
+    final_pass.axis = last;
+    final_pass.reach = el.reach[last];
+    final_pass.table = add_table(max_ranks(el, last, distinct));
+    plan.passes = {first, final_pass};
+    plan.index_bytes = index_bytes_for(static_cast<int64_t>(distinct.size()) - 1);
+    return plan;
+  }
+
+  // 4. Three axes: the (D, H) pairs inside the element.
+  std::vector<std::pair<double, std::pair<int64_t, int64_t>>> pairs;
+  for (int64_t a = -el.reach[0]; a <= el.reach[0] && static_cast<int64_t>(pairs.size()) <= kMaxList; ++a) {
+    for (int64_t b = -el.reach[1]; b <= el.reach[1] && static_cast<int64_t>(pairs.size()) <= kMaxList; ++b) {
+      const double v = first_value(a, b);
+      if (!el.ball || v <= el.limit) {
+        pairs.push_back({v, {a, b}});
+      }
+    }
+  }
+  if (static_cast<int64_t>(pairs.size()) <= kMaxList) {
+    // One rank pass over the pairs as a list, sorted by value (the first hit of a class is its smallest rank).
+    std::stable_sort(pairs.begin(), pairs.end(),
+                     [](const auto& x, const auto& y) { return x.first < y.first; });
+    std::vector<double> distinct;
+    for (const auto& p : pairs) {
+      distinct.push_back(p.first);
+    }
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    std::vector<int32_t> entries;
+    for (const auto& p : pairs) {
+      entries.insert(entries.end(), {static_cast<int32_t>(p.second.first), static_cast<int32_t>(p.second.second), 0,
+                                     static_cast<int32_t>(dense_rank(distinct, p.first))});
+    }
+    PlannedPass first{kRankList};
+    first.list_size = static_cast<int64_t>(pairs.size());
+    first.table = add_table(entries);
+    PlannedPass final_pass{kFinalRanks};
+    final_pass.axis = 2;
+    final_pass.reach = el.reach[2];
+    final_pass.table = add_table(max_ranks(el, 2, distinct));
+    plan.passes = {first, final_pass};
+    plan.index_bytes = 1;
+    return plan;
+  }
+  // Three passes: the nearest |a| along D, the rank of (|a|, |b|) along H, then W.
+  std::vector<int32_t> nearest(el.reach[0] + 1);
+  for (int64_t a = 0; a <= el.reach[0]; ++a) {
+    nearest[a] = static_cast<int32_t>(a);
+  }
+  const int64_t row = el.reach[1] + 1;
+  std::vector<double> values((el.reach[0] + 1) * row);
+  std::vector<double> distinct;
+  for (int64_t a = 0; a <= el.reach[0]; ++a) {
+    for (int64_t b = 0; b <= el.reach[1]; ++b) {
+      const double v = first_value(a, b);
+      values[a * row + b] = v;
+      if (!el.ball || v <= el.limit) {
+        distinct.push_back(v);
+      }
+    }
+  }
+  std::sort(distinct.begin(), distinct.end());
+  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  std::vector<int32_t> pair_ranks(values.size());
+  for (size_t p = 0; p < values.size(); ++p) {
+    pair_ranks[p] =
+        (!el.ball || values[p] <= el.limit) ? static_cast<int32_t>(dense_rank(distinct, values[p])) : -1;
+  }
+  PlannedPass first{kRankWindow};
+  first.axis = 0;
+  first.reach = el.reach[0];
+  first.table = add_table(nearest);
+  PlannedPass middle{kMiddle};
+  middle.axis = 1;
+  middle.reach = el.reach[1];
+  middle.table = add_table(pair_ranks);
+  middle.pair_row = row;
+  PlannedPass final_pass{kFinalRanks};
+  final_pass.axis = 2;
+  final_pass.reach = el.reach[2];
+  final_pass.table = add_table(max_ranks(el, 2, distinct));
+  plan.passes = {first, middle, final_pass};
+  plan.index_bytes = index_bytes_for(std::max(el.reach[0], static_cast<int64_t>(distinct.size()) - 1));
+  return plan;
+}
+
+// ------------------------------------------------------------------------------------------ masks: launches
+
+struct MasksRun {
+  at::Tensor partial;  // the final pass's (B * chunks, 2C + 1) int32 rows
+  int64_t chunks = 0;
+};
+
+// Runs the plan's passes over labels (B, D, H, W) into masks (B, N). finalize: the final pass's last block writes
+// class_weights (B, C) float32 and counters[kInvalid] (see masks_class_weights).
+MasksRun run_masks(const char* op, const at::Tensor& labels, const Volume& vol, const Plan& plan, at::Tensor& masks,
+                   float* class_weights, int32_t* counters, bool finalize, bool unit_batch, cudaStream_t stream) {
+  const int64_t batch = labels.size(0);
+  // The tables: a kernel parameter when they fit int16 entries, else device memory (one copy from pinned memory).
+  Tables params{};
+  at::Tensor memory;
+  const bool small =
+      plan.tables.size() <= static_cast<size_t>(kParamTable) &&
+      std::all_of(plan.tables.begin(), plan.tables.end(), [](int32_t v) { return v >= INT16_MIN && v <= INT16_MAX; });
+  if (small) {
+    for (size_t t = 0; t < plan.tables.size(); ++t) {
+      params.v[t] = static_cast<int16_t>(plan.tables[t]);
+    }
+  } else {
+    at::Tensor host = at::empty({static_cast<int64_t>(plan.tables.size())},
+                                at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    std::memcpy(host.mutable_data_ptr<int32_t>(), plan.tables.data(), plan.tables.size() * sizeof(int32_t));
+    memory = host.to(labels.device(), at::kInt, /*non_blocking=*/true);
+  }
+  const int32_t* table_memory = small ? nullptr : memory.const_data_ptr<int32_t>();
+
+  // Rank buffers (B, N, C), ping-ponged.
+  const at::ScalarType index_dtype = plan.index_bytes == 1 ? at::kByte : plan.index_bytes == 2 ? at::kShort : at::kInt;
+  std::vector<at::Tensor> buffers;
+  const int64_t entries = batch * vol.pixels * vol.classes;
+  for (size_t p = 0; p + 1 < plan.passes.size() && p < 2; ++p) {
+    buffers.push_back(at::empty({entries}, labels.options().dtype(index_dtype)));
+  }
+
+  const auto [final_chunks, final_chunk_pixels] = chunk_layout(batch, vol.pixels, /*capped=*/true);
+  const auto [step_chunks, step_pixels] = chunk_layout(batch, vol.pixels, /*capped=*/false);
+  check_grid(op, batch, step_chunks);
+  MasksRun run;
+  run.chunks = final_chunks;
+  run.partial = at::empty({batch * final_chunks * (2 * vol.classes + 1)}, labels.options().dtype(at::kInt));
+  const int64_t axis_strides[3] = {vol.height * vol.width, vol.width, 1};
+  const int64_t axis_sizes[3] = {vol.depth, vol.height, vol.width};
+
+  for (size_t p = 0; p < plan.passes.size(); ++p) {
+    const PlannedPass& pass = plan.passes[p];
+    const bool is_final = p + 1 == plan.passes.size();
+    MaskPass mp{};
+    mp.batch = batch;
+    mp.chunks = is_final ? final_chunks : step_chunks;
+    mp.chunk_pixels = is_final ? final_chunk_pixels : step_pixels;
+    mp.axis_stride = axis_strides[pass.axis];
+    mp.axis_size = axis_sizes[pass.axis];
+    mp.reach = pass.reach;
+    mp.table = pass.table;
+    mp.list_size = pass.list_size;
+    mp.pair_row = pass.pair_row;
+    mp.finalize = is_final && finalize;
+    mp.unit_batch = unit_batch;
+    const dim3 grid(static_cast<unsigned>(batch * mp.chunks));
+    void* out = p < 2 && !is_final ? buffers[p % 2].data_ptr() : nullptr;
+    const void* in = p > 0 ? buffers[(p - 1) % 2].const_data_ptr() : nullptr;
+    dispatch_index(plan.index_bytes, [&](auto index_type) {
+      using index_t = typename decltype(index_type)::type;
+      switch (pass.kind) {
+        case kRankList:
+          dbce_rank_first_kernel<uint8_t, true><<<grid, kThreads, 0, stream>>>(
+              static_cast<uint8_t*>(out), params, table_memory, labels.const_data_ptr(), vol, mp);
+          break;
+        case kRankWindow:
+          dbce_rank_first_kernel<index_t, false><<<grid, kThreads, 0, stream>>>(
+              static_cast<index_t*>(out), params, table_memory, labels.const_data_ptr(), vol, mp);
+          break;
+        case kMiddle:
+          dbce_rank_middle_kernel<index_t><<<grid, kThreads, 0, stream>>>(
+              static_cast<index_t*>(out), static_cast<const index_t*>(in), params, table_memory, vol, mp);
+          break;
+        default:
+          dispatch_mask(masks.scalar_type(), [&](auto mask_type) {
+            using mask_t = typename decltype(mask_type)::type;
+            mask_t* masks_ptr = static_cast<mask_t*>(masks.data_ptr());
+            int32_t* partial = run.partial.mutable_data_ptr<int32_t>();
+            if (pass.kind == kFinalList) {
+              dbce_masks_final_kernel<mask_t, uint8_t, kFromList><<<grid, kThreads, 0, stream>>>(
+                  masks_ptr, partial, class_weights, counters, params, table_memory, labels.const_data_ptr(),
+                  nullptr, vol, mp);
+            } else if (pass.kind == kFinalLabelsWindow) {
+              dbce_masks_final_kernel<mask_t, uint8_t, kFromLabelsWindow><<<grid, kThreads, 0, stream>>>(
+                  masks_ptr, partial, class_weights, counters, params, table_memory, labels.const_data_ptr(),
+                  nullptr, vol, mp);
+            } else {
+              dbce_masks_final_kernel<mask_t, index_t, kFromRanks><<<grid, kThreads, 0, stream>>>(
+                  masks_ptr, partial, class_weights, counters, params, table_memory, labels.const_data_ptr(),
+                  static_cast<const index_t*>(in), vol, mp);
+            }
+          });
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return run;
+}
+
+// ------------------------------------------------------------------------------------------------ checks
+
+void check_element(const char* op, int64_t num_classes, int64_t element, double radius,
+                   at::ArrayRef<double> spacing) {
+  TORCH_CHECK(num_classes >= 1 && num_classes <= K::MAX_MASK_CLASSES, op, ": num_classes must be in [1, ",
+              K::MAX_MASK_CLASSES, "] (one bit per class in the mask), got ", num_classes);
+  TORCH_CHECK(element == K::ELEMENT_BALL || element == K::ELEMENT_CUBE, op,
+              ": element must be 0 (ball) or 1 (cube), got ", element);
+  TORCH_CHECK(std::isfinite(radius) && radius >= 0.0, op, ": radius must be finite and >= 0, got ", radius);
+  TORCH_CHECK(spacing.size() == 3, op, ": spacing must hold 3 voxel sizes (D, H, W), got ", spacing.size(),
+              " values");
+  for (const double s : spacing) {
+    TORCH_CHECK(std::isfinite(s) && s > 0.0, op, ": spacing must be finite and > 0, got ", spacing);
+  }
+}
+
+void check_labels(const char* op, const at::Tensor& labels) {
+  TORCH_CHECK(labels.dim() == 4, op, ": labels must be 4-D (B, D, H, W), got shape ", labels.sizes());
+  TORCH_CHECK(is_int_dtype(labels.scalar_type()), op, ": labels must be uint8, int8, int16, int32 or int64, got ",
+              labels.scalar_type());
+}
+
+// The logits' rank and dtype (the class count is checked by the caller).
+void check_logits(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (B, C, S), got shape ", logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
+                  logits.scalar_type() == at::kBFloat16,
+              op, ": CUDA logits must be float32, bfloat16 or float16 (float64 runs on the CPU only), got ",
+              logits.scalar_type());
+}
+
+void check_same_device(const char* op, const at::Tensor& logits,
+                       std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, tensor] : tensors) {
+    TORCH_CHECK(tensor->device() == logits.device(), op, ": ", name, " must be on the logits' device (",
+                logits.device(), "), got ", tensor->device());
+  }
+}
+
+void check_class_weights(const char* op, const at::Tensor& class_weights, int64_t batch, int64_t classes) {
+  TORCH_CHECK(class_weights.dim() == 2 && class_weights.size(0) == batch && class_weights.size(1) == classes, op,
+              ": class_weights must have shape (B, C) = [", batch, ", ", classes, "], got ", class_weights.sizes());
+  TORCH_CHECK(is_float_dtype(class_weights.scalar_type()), op,
+              ": class_weights must be float32, float64, bfloat16 or float16, got ", class_weights.scalar_type());
+}
+
+// The dbce_loss ops' checks, in the CPU kernels' order and words (csrc/cpu/dbce_kernel.cpp).
+void check_loss_inputs(const char* op, const at::Tensor& logits, const at::Tensor& labels, at::IntArrayRef codes,
+                       at::ArrayRef<double> scalars) {
+  TORCH_CHECK(static_cast<int64_t>(codes.size()) == K::DBCE_NUM_CODES, op, ": codes must have ", K::DBCE_NUM_CODES,
+              " entries (the DBCE_CODE_* positions of torch_medloss._contract), got ", codes.size());
+  TORCH_CHECK(static_cast<int64_t>(scalars.size()) == K::DBCE_NUM_SCALARS, op, ": scalars must have ",
+              K::DBCE_NUM_SCALARS, " entries (the radius and the spacing along D, H, W), got ", scalars.size());
+  check_logits(op, logits);
+  TORCH_CHECK(labels.dim() == 4 && labels.size(0) == logits.size(0) &&
+                  labels.size(1) * labels.size(2) * labels.size(3) == logits.size(2),
+              op, ": labels must be (B, D, H, W) with B = ", logits.size(0), " and D H W = S = ", logits.size(2),
+              " for logits of shape ", logits.sizes(), ", got ", labels.sizes());
+  check_same_device(op, logits, {{"labels", &labels}});
+  const int64_t reduction = codes[K::DBCE_CODE_REDUCTION];
+  TORCH_CHECK(reduction >= K::REDUCTION_MEAN && reduction <= K::REDUCTION_NONE, op,
+              ": codes[DBCE_CODE_REDUCTION] must be 0 (mean), 1 (sum) or 2 (none), got ", reduction);
+  check_labels(op, labels);
+  check_element(op, logits.size(1), codes[K::DBCE_CODE_ELEMENT], scalars[K::DBCE_SCALAR_RADIUS],
+                scalars.slice(K::DBCE_SCALAR_SPACING, 3));
+}
+
+// ------------------------------------------------------------------------------------------ cross entropy
+
+// The cross entropy's sizes and the strides of masks (B, S) and class_weights (B, C); the caller sets the rest.
+CeProblem make_ce_problem(const at::Tensor& logits, const at::Tensor& masks, const at::Tensor& class_weights,
+                          bool capped) {
+  CeProblem pr{};
+  pr.classes = logits.size(1);
+  pr.pixels = logits.size(2);
+  std::tie(pr.chunks, pr.chunk_pixels) = chunk_layout(logits.size(0), pr.pixels, capped);
+  pr.x_b = logits.stride(0);
+  pr.x_c = logits.stride(1);
+  pr.x_s = logits.stride(2);
+  pr.m_b = masks.stride(0);
+  pr.m_s = masks.stride(1);
+  pr.w_b = class_weights.stride(0);
+  pr.w_c = class_weights.stride(1);
+  pr.mask_type = value_type(masks.scalar_type());
+  pr.weight_type = value_type(class_weights.scalar_type());
+  return pr;
+}
+
+void launch_ce_fwd(const at::Tensor& logits, const void* labels, const at::Tensor& masks,
+                   const at::Tensor& class_weights, const Volume& vol, const CeProblem& pr, float* partial, float* map,
+                   float* loss, float* norm, int32_t* counters, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(logits.size(0) * pr.chunks));
+  dispatch_logits(logits.scalar_type(), [&](auto type) {
+    using scalar_t = typename decltype(type)::type;
+    dbce_ce_fwd_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        partial, map, loss, norm, counters, logits.const_data_ptr<scalar_t>(), labels, masks.const_data_ptr(),
+        class_weights.const_data_ptr(), vol, pr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void launch_ce_bwd(at::Tensor& grad, const void* grad_sums, const void* grad_map, const void* norm,
+                   const at::Tensor& logits, const void* labels, const at::Tensor& masks,
+                   const at::Tensor& class_weights, const Volume& vol, const CeProblem& pr, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(logits.size(0) * pr.chunks));
+  const int64_t classes = logits.size(1);
+  dispatch_logits(logits.scalar_type(), [&](auto type) {
+    using scalar_t = typename decltype(type)::type;
+    const auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(grad.mutable_data_ptr<scalar_t>(), grad_sums, grad_map, norm,
+                                            logits.const_data_ptr<scalar_t>(), labels, masks.const_data_ptr(),
+                                            class_weights.const_data_ptr(), vol, pr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (classes <= 4) {
+      launch(dbce_ce_bwd_kernel<scalar_t, 4>);
+    } else if (classes <= 8) {
+      launch(dbce_ce_bwd_kernel<scalar_t, 8>);
+    } else if (classes <= kBackwardCached) {
+      launch(dbce_ce_bwd_kernel<scalar_t, kBackwardCached>);
+    } else {
+      launch(dbce_ce_bwd_kernel<scalar_t, 0>);
+    }
+  });
+}
+
+// Labels (B, S) of the piece ops as a (B, 1, 1, S) volume.
+Volume flat_volume(const at::Tensor& labels, int64_t classes, int64_t ignore_index) {
+  return make_volume(labels.unsqueeze(1).unsqueeze(1), classes, ignore_index);
+}
+
+// ------------------------------------------------------------------------------------------------- the ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_loss_fwd_cuda(const at::Tensor& logits,
+                                                                              const at::Tensor& labels,
+                                                                              at::IntArrayRef codes,
+                                                                              at::ArrayRef<double> scalars) {
+  constexpr const char* op = "torch_medloss::dbce_loss_fwd";
+  check_loss_inputs(op, logits, labels, codes, scalars);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const int64_t batch = logits.size(0);
+  const int64_t classes = logits.size(1);
+  const int64_t pixels = logits.size(2);
+  const bool none = codes[K::DBCE_CODE_REDUCTION] == K::REDUCTION_NONE;
+  const at::TensorOptions options = logits.options().dtype(at::kFloat);
+  at::Tensor loss = none ? at::empty({batch, pixels}, options) : at::empty({}, options);
+  at::Tensor masks = at::empty({batch, pixels}, logits.options().dtype(mask_dtype(classes)));
+  at::Tensor class_weights = at::empty({batch, classes}, options);
+  at::Tensor norm = at::empty({1}, options);
+  if (batch == 0 || pixels == 0) {
+    // Nothing is valid: the mean is 0 (reference.dbce.reduce_weighted's clamped normalizer), the sum 0.
+    loss.zero_();
+    class_weights.zero_();
+    norm.zero_();
+    return {loss, masks, class_weights, norm};
+  }
+  const int64_t ignore_index = codes[K::DBCE_CODE_IGNORE_INDEX];
+  const Volume vol = make_volume(labels, classes, ignore_index);
+  const int64_t sizes[3] = {vol.depth, vol.height, vol.width};
+  const Plan plan = make_plan(make_element(codes[K::DBCE_CODE_ELEMENT], scalars[K::DBCE_SCALAR_RADIUS],
+                                           scalars.slice(K::DBCE_SCALAR_SPACING, 3), sizes));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // The launches' tickets and the invalid count: the one op besides the kernels.
+  at::Tensor counters = at::zeros({kNumCounters}, logits.options().dtype(at::kInt));
+  run_masks(op, labels, vol, plan, masks, class_weights.mutable_data_ptr<float>(),
+            counters.mutable_data_ptr<int32_t>(), /*finalize=*/true, codes[K::DBCE_CODE_BATCH] != 0, stream);
+
+  CeProblem pr = make_ce_problem(logits, masks, class_weights, /*capped=*/true);
+  check_grid(op, batch, pr.chunks);
+  pr.write_map = none;
+  pr.map_b = pixels;
+  pr.finalize = true;
+  pr.mean = codes[K::DBCE_CODE_REDUCTION] == K::REDUCTION_MEAN;
+  at::Tensor partial = at::empty({batch * pr.chunks * 2}, options);
+  launch_ce_fwd(logits, labels.const_data_ptr(), masks, class_weights, vol, pr, partial.mutable_data_ptr<float>(),
+                none ? loss.mutable_data_ptr<float>() : nullptr, none ? nullptr : loss.mutable_data_ptr<float>(),
+                norm.mutable_data_ptr<float>(), counters.mutable_data_ptr<int32_t>(), stream);
+  return {loss, masks, class_weights, norm};
+}
+
+at::Tensor dbce_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& masks, const at::Tensor& class_weights,
+                              const at::Tensor& norm, const at::Tensor& logits, const at::Tensor& labels,
+                              at::IntArrayRef codes, at::ArrayRef<double> scalars) {
+  constexpr const char* op = "torch_medloss::dbce_loss_bwd";
+  check_loss_inputs(op, logits, labels, codes, scalars);
+  const int64_t batch = logits.size(0);
+  const int64_t classes = logits.size(1);
+  const int64_t pixels = logits.size(2);
+  const bool none = codes[K::DBCE_CODE_REDUCTION] == K::REDUCTION_NONE;
+  const std::vector<int64_t> shape = none ? std::vector<int64_t>{batch, pixels} : std::vector<int64_t>{};
+  TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(shape), op, ": grad_loss must have the loss's shape ",
+              at::IntArrayRef(shape), ", got ", grad_loss.sizes());
+  TORCH_CHECK(is_float_dtype(grad_loss.scalar_type()), op,
+              ": grad_loss must be float32, float64, bfloat16 or float16, got ", grad_loss.scalar_type());
+  TORCH_CHECK(masks.dim() == 2 && masks.size(0) == batch && masks.size(1) == pixels &&
+                  masks.scalar_type() == mask_dtype(classes),
+              op, ": masks must be the forward's (B, S) = [", batch, ", ", pixels, "] ", mask_dtype(classes),
+              " masks, got ", masks.scalar_type(), " of shape ", masks.sizes());
+  TORCH_CHECK(class_weights.dim() == 2 && class_weights.size(0) == batch && class_weights.size(1) == classes &&
+                  is_float_dtype(class_weights.scalar_type()),
+              op, ": class_weights must be a float tensor of shape (B, C) = [", batch, ", ", classes, "], got ",
+              class_weights.scalar_type(), " of shape ", class_weights.sizes());
+  TORCH_CHECK(norm.numel() == 1 && is_float_dtype(norm.scalar_type()), op,
+              ": norm must be a float tensor of one element (d loss / d sum w CE), got ", norm.scalar_type(),
+              " of shape ", norm.sizes());
+  check_same_device(op, logits, {{"grad_loss", &grad_loss}, {"masks", &masks}, {"class_weights", &class_weights},
+                                 {"norm", &norm}});
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  at::Tensor grad = at::empty_like(logits);
+  if (logits.numel() == 0) {
+    return grad;
+  }
+  const Volume vol = make_volume(labels, classes, codes[K::DBCE_CODE_IGNORE_INDEX]);
+  CeProblem pr = make_ce_problem(logits, masks, class_weights, /*capped=*/false);
+  check_grid(op, batch, pr.chunks);
+  pr.g_b = grad.stride(0);
+  pr.g_c = grad.stride(1);
+  pr.g_s = grad.stride(2);
+  pr.with_sum = !none;
+  pr.scaled = !none;
+  pr.s_b = 0;
+  pr.sums_type = value_type(grad_loss.scalar_type());
+  pr.write_map = none;
+  pr.map_type = value_type(grad_loss.scalar_type());
+  pr.u_b = none ? grad_loss.stride(0) : 0;
+  pr.u_s = none ? grad_loss.stride(1) : 0;
+  pr.norm_type = value_type(norm.scalar_type());
+  launch_ce_bwd(grad, none ? nullptr : grad_loss.const_data_ptr(), none ? grad_loss.const_data_ptr() : nullptr,
+                norm.const_data_ptr(), logits, labels.const_data_ptr(), masks, class_weights, vol, pr,
+                c10::cuda::getCurrentCUDAStream());
+  return grad;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cuda(const at::Tensor& labels,
@@ -681,143 +747,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cuda(const
                                                                           int64_t element, double radius,
                                                                           at::ArrayRef<double> spacing) {
   constexpr const char* op = "torch_medloss::dbce_masks";
-  TORCH_CHECK(labels.dim() == 4, op, ": labels must be 4-D (B, D, H, W), got shape ", labels.sizes());
-  TORCH_CHECK(is_int_dtype(labels.scalar_type()), op, ": labels must be uint8, int8, int16, int32 or int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(num_classes >= 1 && num_classes <= kMaxClasses, op, ": num_classes must be in [1, ", kMaxClasses,
-              "] (one mask bit per class), got ", num_classes);
-  TORCH_CHECK(element == kElementBall || element == kElementCube, op,
-              ": element must be 0 (ball) or 1 (cube), got ", element);
-  TORCH_CHECK(std::isfinite(radius) && radius >= 0.0, op, ": radius must be finite and >= 0, got ", radius);
-  TORCH_CHECK(spacing.size() == 3, op, ": spacing must hold 3 voxel sizes (D, H, W), got ", spacing.size());
-  for (const double s : spacing) {
-    TORCH_CHECK(std::isfinite(s) && s > 0.0, op, ": spacing must be finite and > 0, got ", spacing);
-  }
-
+  check_labels(op, labels);
+  check_element(op, num_classes, element, radius, spacing);
   const c10::cuda::CUDAGuard device_guard(labels.device());
   const int64_t batch = labels.size(0);
   const at::TensorOptions long_options = labels.options().dtype(at::kLong);
   at::Tensor masks = at::empty(labels.sizes(), labels.options().dtype(mask_dtype(num_classes)));
-  at::Tensor counts = at::zeros({batch, num_classes}, long_options);
-  at::Tensor areas = at::zeros({batch, num_classes}, long_options);
-  at::Tensor invalid = at::zeros({batch}, long_options);
   if (labels.numel() == 0) {
-    return {masks, counts, areas, invalid};
+    return {masks, at::zeros({batch, num_classes}, long_options), at::zeros({batch, num_classes}, long_options),
+            at::zeros({batch}, long_options)};
   }
-
-  MaskProblem pr{};
-  pr.batch = batch;
-  pr.depth = labels.size(1);
-  pr.height = labels.size(2);
-  pr.width = labels.size(3);
-  pr.pixels = pr.depth * pr.height * pr.width;
-  pr.classes = num_classes;
-  pr.chunks = ceil_div(pr.pixels, kChunkPixels);
-  pr.l_b = labels.stride(0);
-  pr.l_d = labels.stride(1);
-  pr.l_h = labels.stride(2);
-  pr.l_w = labels.stride(3);
-  pr.ignore_index = ignore_index;
-  pr.label_type = int_type(labels.scalar_type());
-  TORCH_CHECK(pr.chunks <= INT_MAX && batch <= INT_MAX / pr.chunks, op, ": labels of shape (B, D, H, W) must have ",
-              "B * ceil(D H W / ", kChunkPixels, ") <= 2**31 - 1, got shape ", labels.sizes());
-  const Element el = make_element(element, radius, spacing.vec(), {pr.depth, pr.height, pr.width});
-  pr.reach_d = el.reach_d;
-  pr.reach_h = el.reach_h;
-  pr.reach_w = el.reach_w;
-
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor cls = at::empty({batch, pr.pixels}, labels.options().dtype(at::kByte));
-  dbce_classify_kernel<<<static_cast<unsigned>(batch * pr.chunks), kThreads, 0, stream>>>(
-      cls.mutable_data_ptr<uint8_t>(), reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>()),
-      reinterpret_cast<unsigned long long*>(invalid.mutable_data_ptr<int64_t>()), labels.const_data_ptr(), pr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  // The narrowest index type that holds every distance along D and every rank, with its maximum left for kInf.
-  const int64_t largest = std::max(el.reach_d, el.values - 1);
-  if (largest < std::numeric_limits<uint8_t>::max()) {
-    launch_masks<uint8_t>(pr, el, cls, masks, areas, stream);
-  } else if (largest < std::numeric_limits<uint16_t>::max()) {
-    launch_masks<uint16_t>(pr, el, cls, masks, areas, stream);
-  } else {
-    TORCH_CHECK(largest < std::numeric_limits<uint32_t>::max(), op, ": radius ", radius, " with spacing ", spacing,
-                " gives too large an element (", el.values, " distinct offsets lengths)");
-    launch_masks<uint32_t>(pr, el, cls, masks, areas, stream);
-  }
-  return {masks, counts, areas, invalid};
+  const Volume vol = make_volume(labels, num_classes, ignore_index);
+  const int64_t sizes[3] = {vol.depth, vol.height, vol.width};
+  const Plan plan = make_plan(make_element(element, radius, spacing, sizes));
+  const MasksRun run = run_masks(op, labels, vol, plan, masks, nullptr, nullptr, /*finalize=*/false,
+                                 /*unit_batch=*/false, c10::cuda::getCurrentCUDAStream());
+  // Integer sums of the blocks' rows: exact, so deterministic.
+  const at::Tensor totals = run.partial.view({batch, run.chunks, 2 * num_classes + 1}).sum(at::IntArrayRef{1}, false, at::kLong);
+  return {masks, totals.narrow(1, 0, num_classes).clone(), totals.narrow(1, num_classes, num_classes).clone(),
+          totals.select(1, 2 * num_classes).clone()};
 }
-
-// ============================================================================================ host: dbce_ce ops
 
 void check_ce_inputs(const char* op, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& masks,
                      const at::Tensor& class_weights) {
-  TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (B, C, S), got shape ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
-                  logits.scalar_type() == at::kBFloat16,
-              op, ": CUDA logits must be float32, bfloat16 or float16 (float64 runs on the CPU only), got ",
-              logits.scalar_type());
+  check_logits(op, logits);
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) <= K::MAX_MASK_CLASSES, op, ": logits must have between 1 and ",
+              K::MAX_MASK_CLASSES, " classes (one mask bit per class), got shape ", logits.sizes());
   const int64_t batch = logits.size(0);
-  const int64_t classes = logits.size(1);
   const int64_t pixels = logits.size(2);
-  TORCH_CHECK(classes >= 1 && classes <= kMaxClasses, op, ": logits must have 1 to ", kMaxClasses,
-              " classes (one mask bit per class), got shape ", logits.sizes());
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == batch && labels.size(1) == pixels, op,
-              ": labels must have shape (B, S) = [", batch, ", ", pixels, "], got ", labels.sizes());
-  TORCH_CHECK(is_int_dtype(labels.scalar_type()), op, ": labels must be uint8, int8, int16, int32 or int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(masks.dim() == 2 && masks.size(0) == batch && masks.size(1) == pixels, op,
-              ": masks must have shape (B, S) = [", batch, ", ", pixels, "], got ", masks.sizes());
-  TORCH_CHECK(is_int_dtype(masks.scalar_type()), op, ": masks must be uint8, int8, int16, int32 or int64, got ",
-              masks.scalar_type());
-  TORCH_CHECK(class_weights.dim() == 2 && class_weights.size(0) == batch && class_weights.size(1) == classes, op,
-              ": class_weights must have shape (B, C) = [", batch, ", ", classes, "], got ", class_weights.sizes());
-  TORCH_CHECK(class_weights.scalar_type() == at::kFloat, op, ": class_weights must be float32, got ",
-              class_weights.scalar_type());
-  for (const at::Tensor* t : {&labels, &masks, &class_weights}) {
-    TORCH_CHECK(t->device() == logits.device(), op, ": labels, masks and class_weights must be on the logits' ",
-                "device (", logits.device(), "), got ", t->device());
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"labels", &labels},
+                                     std::pair<const char*, const at::Tensor*>{"masks", &masks}}) {
+    TORCH_CHECK(tensor->dim() == 2 && tensor->size(0) == batch && tensor->size(1) == pixels, op, ": ", name,
+                " must have shape (B, S) = [", batch, ", ", pixels, "], got ", tensor->sizes());
+    TORCH_CHECK(is_int_dtype(tensor->scalar_type()), op, ": ", name,
+                " must be uint8, int8, int16, int32 or int64, got ", tensor->scalar_type());
   }
-}
-
-CeProblem make_ce_problem(const char* op, const at::Tensor& logits, const at::Tensor& labels,
-                          const at::Tensor& masks, int64_t ignore_index, bool write_map) {
-  CeProblem pr{};
-  pr.classes = logits.size(1);
-  pr.pixels = logits.size(2);
-  pr.chunks = ceil_div(pr.pixels, kChunkPixels);
-  pr.x_b = logits.stride(0);
-  pr.x_c = logits.stride(1);
-  pr.x_s = logits.stride(2);
-  pr.l_b = labels.stride(0);
-  pr.l_s = labels.stride(1);
-  pr.m_b = masks.stride(0);
-  pr.m_s = masks.stride(1);
-  pr.ignore_index = ignore_index;
-  pr.label_type = int_type(labels.scalar_type());
-  pr.mask_type = int_type(masks.scalar_type());
-  pr.write_map = write_map;
-  const int64_t batch = logits.size(0);
-  TORCH_CHECK(pr.chunks <= INT_MAX && batch <= INT_MAX / pr.chunks, op, ": logits of shape (B, C, S) must have ",
-              "B * ceil(S / ", kChunkPixels, ") <= 2**31 - 1, got shape ", logits.sizes());
-  return pr;
-}
-
-// Calls body(Type<scalar_t>{}) for the logits' dtype (checked: float32, float16 or bfloat16).
-template <typename Body>
-void dispatch_logits(at::ScalarType dtype, const Body& body) {
-  switch (dtype) {
-    case at::kFloat:
-      body(Type<float>{});
-      break;
-    case at::kHalf:
-      body(Type<at::Half>{});
-      break;
-    case at::kBFloat16:
-      body(Type<at::BFloat16>{});
-      break;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "dbce CUDA: unexpected logits dtype ", dtype);
-  }
+  check_class_weights(op, class_weights, batch, logits.size(1));
+  check_same_device(op, logits, {{"labels", &labels}, {"masks", &masks}, {"class_weights", &class_weights}});
 }
 
 std::tuple<at::Tensor, at::Tensor> dbce_ce_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
@@ -833,21 +799,17 @@ std::tuple<at::Tensor, at::Tensor> dbce_ce_fwd_cuda(const at::Tensor& logits, co
   if (logits.numel() == 0) {
     return {at::zeros({batch, 2}, options), map};
   }
-  const CeProblem pr = make_ce_problem(op, logits, labels, masks, ignore_index, write_map);
-  const at::Tensor weights = class_weights.contiguous();
+  const Volume vol = flat_volume(labels, logits.size(1), ignore_index);
+  CeProblem pr = make_ce_problem(logits, masks, class_weights, /*capped=*/true);
+  check_grid(op, batch, pr.chunks);
+  pr.write_map = write_map;
+  pr.map_b = pixels;
   at::Tensor partial = at::empty({batch, pr.chunks, 2}, options);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_logits(logits.scalar_type(), [&](auto type) {
-    using scalar_t = typename decltype(type)::type;
-    dbce_ce_fwd_kernel<scalar_t><<<static_cast<unsigned>(batch * pr.chunks), kThreads, 0, stream>>>(
-        partial.mutable_data_ptr<float>(), write_map ? map.mutable_data_ptr<float>() : nullptr,
-        logits.const_data_ptr<scalar_t>(), labels.const_data_ptr(), masks.const_data_ptr(),
-        weights.const_data_ptr<float>(), pr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_ce_fwd(logits, labels.const_data_ptr(), masks, class_weights, vol, pr, partial.mutable_data_ptr<float>(),
+                write_map ? map.mutable_data_ptr<float>() : nullptr, nullptr, nullptr, nullptr,
+                c10::cuda::getCurrentCUDAStream());
   // torch's CUDA sum is deterministic (a fixed reduction tree, no atomics).
-  at::Tensor sums = pr.chunks == 1 ? partial.view({batch, 2}) : partial.sum(1);
-  return {sums, map};
+  return {pr.chunks == 1 ? partial.view({batch, 2}) : partial.sum(1), map};
 }
 
 at::Tensor dbce_ce_bwd_cuda(const at::Tensor& grad_sums, const at::Tensor& grad_map, const at::Tensor& logits,
@@ -856,66 +818,55 @@ at::Tensor dbce_ce_bwd_cuda(const at::Tensor& grad_sums, const at::Tensor& grad_
   constexpr const char* op = "torch_medloss::dbce_ce_bwd";
   check_ce_inputs(op, logits, labels, masks, class_weights);
   const int64_t batch = logits.size(0);
-  const int64_t classes = logits.size(1);
   const int64_t pixels = logits.size(2);
   TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(0) == batch && grad_sums.size(1) == 2, op,
               ": grad_sums must have shape (B, 2) = [", batch, ", 2], got ", grad_sums.sizes());
-  TORCH_CHECK(at::isFloatingType(grad_sums.scalar_type()), op, ": grad_sums must be floating point, got ",
-              grad_sums.scalar_type());
-  TORCH_CHECK(grad_sums.device() == logits.device(), op, ": grad_sums must be on the logits' device (",
-              logits.device(), "), got ", grad_sums.device());
+  TORCH_CHECK(is_float_dtype(grad_sums.scalar_type()), op,
+              ": grad_sums must be float32, float64, bfloat16 or float16, got ", grad_sums.scalar_type());
   if (write_map) {
     TORCH_CHECK(grad_map.dim() == 2 && grad_map.size(0) == batch && grad_map.size(1) == pixels, op,
                 ": grad_map must have shape (B, S) = [", batch, ", ", pixels, "] when write_map, got ",
                 grad_map.sizes());
-    TORCH_CHECK(at::isFloatingType(grad_map.scalar_type()), op, ": grad_map must be floating point, got ",
-                grad_map.scalar_type());
-    TORCH_CHECK(grad_map.device() == logits.device(), op, ": grad_map must be on the logits' device (",
-                logits.device(), "), got ", grad_map.device());
+    TORCH_CHECK(is_float_dtype(grad_map.scalar_type()), op,
+                ": grad_map must be float32, float64, bfloat16 or float16, got ", grad_map.scalar_type());
+    check_same_device(op, logits, {{"grad_map", &grad_map}});
   }
+  check_same_device(op, logits, {{"grad_sums", &grad_sums}});
   const c10::cuda::CUDAGuard device_guard(logits.device());
   // Same strides as the logits for a dense, non-overlapping layout (channels_last stays channels_last).
   at::Tensor grad = at::empty_like(logits);
   if (logits.numel() == 0) {
     return grad;
   }
-  CeProblem pr = make_ce_problem(op, logits, labels, masks, ignore_index, write_map);
+  const Volume vol = flat_volume(labels, logits.size(1), ignore_index);
+  CeProblem pr = make_ce_problem(logits, masks, class_weights, /*capped=*/false);
+  check_grid(op, batch, pr.chunks);
   pr.g_b = grad.stride(0);
   pr.g_c = grad.stride(1);
   pr.g_s = grad.stride(2);
-  const at::Tensor weights = class_weights.contiguous();
-  const at::Tensor up_sums = grad_sums.to(at::kFloat).contiguous();
-  const at::Tensor up_map = write_map ? grad_map.to(at::kFloat).contiguous() : at::Tensor();
-  const float* up_map_ptr = write_map ? up_map.const_data_ptr<float>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(batch * pr.chunks));
-  dispatch_logits(logits.scalar_type(), [&](auto type) {
-    using scalar_t = typename decltype(type)::type;
-    const auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, 0, stream>>>(grad.mutable_data_ptr<scalar_t>(), up_sums.const_data_ptr<float>(),
-                                            up_map_ptr, logits.const_data_ptr<scalar_t>(), labels.const_data_ptr(),
-                                            masks.const_data_ptr(), weights.const_data_ptr<float>(), pr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (classes <= 4) {
-      launch(dbce_ce_bwd_kernel<scalar_t, 4>);
-    } else if (classes <= 8) {
-      launch(dbce_ce_bwd_kernel<scalar_t, 8>);
-    } else if (classes <= kBackwardCached) {
-      launch(dbce_ce_bwd_kernel<scalar_t, kBackwardCached>);
-    } else {
-      launch(dbce_ce_bwd_kernel<scalar_t, 0>);
-    }
-  });
+  pr.with_sum = true;
+  pr.s_b = grad_sums.stride(0);
+  pr.sums_type = value_type(grad_sums.scalar_type());
+  pr.write_map = write_map;
+  if (write_map) {
+    pr.map_type = value_type(grad_map.scalar_type());
+    pr.u_b = grad_map.stride(0);
+    pr.u_s = grad_map.stride(1);
+  }
+  launch_ce_bwd(grad, grad_sums.const_data_ptr(), write_map ? grad_map.const_data_ptr() : nullptr, nullptr, logits,
+                labels.const_data_ptr(), masks, class_weights, vol, pr, c10::cuda::getCurrentCUDAStream());
   return grad;
 }
 
 }  // namespace
+}  // namespace dbce_cuda
 
 TORCH_LIBRARY_IMPL(torch_medloss, CUDA, m) {
-  m.impl("dbce_masks", &dbce_masks_cuda);
-  m.impl("dbce_ce_fwd", &dbce_ce_fwd_cuda);
-  m.impl("dbce_ce_bwd", &dbce_ce_bwd_cuda);
+  m.impl("dbce_loss_fwd", &dbce_cuda::dbce_loss_fwd_cuda);
+  m.impl("dbce_loss_bwd", &dbce_cuda::dbce_loss_bwd_cuda);
+  m.impl("dbce_masks", &dbce_cuda::dbce_masks_cuda);
+  m.impl("dbce_ce_fwd", &dbce_cuda::dbce_ce_fwd_cuda);
+  m.impl("dbce_ce_bwd", &dbce_cuda::dbce_ce_bwd_cuda);
 }
 
 }  // namespace torch_medloss

@@ -1,35 +1,18 @@
-// Integer tensors (label maps, class bitmasks) read with their dtype chosen at run time in CUDA kernels: one uniform
-// switch per load costs less than compiling every kernel once per integer dtype. Shared by the CUDA kernel files.
+// Integer tensors (label maps, class bitmasks) and dense float tensors read with their dtype chosen at run time in
+// CUDA kernels: one uniform switch per load costs less than compiling every kernel once per dtype. Device code
+// only, no ATen: the host maps a tensor's dtype to these codes with host_utils.h.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
 namespace torch_medloss {
 namespace {
 
-bool is_int_dtype(at::ScalarType dtype) {
-  return dtype == at::kByte || dtype == at::kChar || dtype == at::kShort || dtype == at::kInt || dtype == at::kLong;
-}
-
-// The codes of the integer dtypes; kernels that also read floats number theirs after kI64.
-enum IntType : int { kU8, kI8, kI16, kI32, kI64 };
-
-int int_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kByte:
-      return kU8;
-    case at::kChar:
-      return kI8;
-    case at::kShort:
-      return kI16;
-    case at::kInt:
-      return kI32;
-    default:
-      return kI64;
-  }
-}
+// The codes of the integer dtypes, then of the float dtypes.
+enum ValueType : int { kU8, kI8, kI16, kI32, kI64, kF32, kF64, kF16, kBF16 };
 
 __device__ __forceinline__ int64_t load_int(const void* base, int type, int64_t offset) {
   switch (type) {
@@ -43,6 +26,19 @@ __device__ __forceinline__ int64_t load_int(const void* base, int type, int64_t 
       return static_cast<const int32_t*>(base)[offset];
     default:
       return static_cast<const int64_t*>(base)[offset];
+  }
+}
+
+__device__ __forceinline__ float load_float(const void* base, int type, int64_t offset) {
+  switch (type) {
+    case kF32:
+      return static_cast<const float*>(base)[offset];
+    case kF64:
+      return static_cast<float>(static_cast<const double*>(base)[offset]);
+    case kF16:
+      return static_cast<float>(static_cast<const c10::Half*>(base)[offset]);
+    default:
+      return static_cast<float>(static_cast<const c10::BFloat16*>(base)[offset]);
   }
 }
 
