@@ -407,6 +407,105 @@ def test_bitwise_deterministic(backend):
         assert all(torch.equal(a, b) for a, b in zip(again, first, strict=True))
 
 
+# (C, logits dtype, target kind): the class counts of every register bucket of the CUDA kernels (forward 4, 8, 16,
+# then groups of 16; backward 4, 8, then streamed), with every per-class term on.
+BUCKET_CASES = [(1, torch.float32, "labels"), (3, torch.bfloat16, "soft"), (8, torch.float16, "onehot"),
+                (13, torch.float32, "labels"), (17, torch.bfloat16, "soft"), (40, torch.float32, "onehot")]
+
+
+@pytest.mark.parametrize("num_classes, dtype, kind", BUCKET_CASES, ids=str)
+def test_class_buckets_with_every_term(backend, num_classes, dtype, kind):
+    """PM Dice's modulator, the cross entropy and the focal term at every class count the kernels specialise on;
+    on CUDA over two steps of 4096 pixels (two forward chunks, two backward blocks per image)."""
+    generator = torch.Generator().manual_seed(num_classes)
+    pixels = 4096 + 33 if backend == "cuda" else 67
+    shape = (2, num_classes, pixels)
+    logits = make_logits(shape, dtype, generator)
+    mask_mode, ignore_index = {"labels": (K.MASK_LABEL, 1), "soft": (K.MASK_CHANNEL, 0),
+                               "onehot": (K.MASK_SENTINEL, -100)}[kind]
+    target = make_labels((2, pixels), num_classes, torch.uint8, generator, ignore_index) if kind == "labels" else \
+        make_dense(shape, kind, torch.float32, generator, ignore_index)
+    prm = params(num_classes, gamma="random", generator=generator,
+                 ce_weight=0.5 + torch.rand(num_classes, generator=generator, dtype=torch.float64),
+                 focal_alpha=torch.rand(num_classes, generator=generator, dtype=torch.float64))
+    several = num_classes > 2
+    for cds in (codes(labels=kind == "labels", ignore_index=ignore_index, mask_mode=mask_mode, squared=several,
+                      with_ce=several, focal=K.FOCAL_SOFTMAX if several else K.FOCAL_SIGMOID,
+                      alpha=K.ALPHA_PER_CLASS, drop=several, focal_mask=True),
+                codes(labels=kind == "labels", ignore_index=ignore_index, mask_mode=mask_mode,
+                      activation=K.ACTIVATION_SIGMOID, head=K.HEAD_NONE, focal=K.FOCAL_SIGMOID,
+                      alpha=K.ALPHA_SCALAR, reduction=K.REDUCTION_NONE)):
+        check_loss(backend, logits, target, prm, cds, scalars(label_smoothing=0.1, focal_gamma=1.5), generator)
+    check_sums(backend, logits, target, prm, cds, scalars(focal_gamma=1.5), generator)
+
+
+def test_gradient_keeps_the_logits_layout(backend):
+    """The fused backward writes the gradient in the logits' layout (empty_like), channels_last included."""
+    if backend == "reference":
+        pytest.skip("the reference's layout is autograd's")
+    generator = torch.Generator().manual_seed(21)
+    device = backends.device(backend)
+    image = make_logits((2, 3, 13, 17), torch.float32, generator).to(device)
+    logits = image.contiguous(memory_format=torch.channels_last).flatten(2)
+    assert logits.stride(1) == 1
+    labels = make_labels((2, 13 * 17), 3, torch.int64, generator).to(device)
+    _, grad = run_loss(backend, logits, labels, params(3, gamma=2.0).to(device), codes(with_ce=True), scalars())
+    assert grad.stride() == logits.stride()
+    _, flat = run_loss(backend, logits.contiguous(), labels, params(3, gamma=2.0).to(device), codes(with_ce=True),
+                       scalars())
+    torch.testing.assert_close(grad, flat)
+
+
+def test_gpu_backends_reject_float64(backend):
+    if backend not in ("triton", "cuda"):
+        pytest.skip("float64 logits run on the CPU backends")
+    device = backends.device(backend)
+    logits = torch.randn(1, 3, 10, dtype=torch.float64, device=device)
+    labels = torch.zeros(1, 10, dtype=torch.int64, device=device)
+    with pytest.raises((ValueError, RuntimeError), match="float32, bfloat16 or float16"):
+        _op("dice_loss_fwd", backend)(logits, labels, params(3).to(device), codes(), scalars())
+
+
+def _cuda_kernels(fn) -> list[str]:
+    """The names of the CUDA kernels ``fn`` launches, with host syncs turned into errors."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.set_sync_debug_mode(previous)
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("variant", [dict(with_ce=True), dict(focal=K.FOCAL_SOFTMAX, batch=True, drop=True),
+                                     dict(head=K.HEAD_NONE, focal=K.FOCAL_SIGMOID, reduction=K.REDUCTION_NONE)],
+                         ids=str)
+def test_cuda_three_launches_without_sync(backend, variant):
+    """Issue 12 on the CUDA C++ kernels: forward and backward in 3 launches (partials, finalize, backward), no host
+    sync, no other op but autograd's upstream gradient (test_host_cost.py counts the Triton ones)."""
+    if backend != "cuda":
+        pytest.skip("counts the CUDA C++ kernels' launches")
+    generator = torch.Generator().manual_seed(2)
+    logits = make_logits((2, 4, 5000), torch.float32, generator).cuda().requires_grad_(True)
+    labels = make_labels((2, 5000), 4, torch.uint8, generator).cuda()
+    prm = params(4, gamma=2.0).cuda()
+
+    def step():
+        loss = op.dice_loss(backend, logits, labels, prm, codes(**variant), scalars())
+        torch.autograd.grad(loss, logits, torch.ones_like(loss))
+
+    step()  # warm-up: the first call builds or loads the extension
+    names = _cuda_kernels(step)
+    ours = [name for name in names if "dice_" in name]
+    assert len(ours) == 3 and len(names) <= len(ours) + 2, names
+
+
 # ------------------------------------------------------------------------------------------------- op machinery
 
 
