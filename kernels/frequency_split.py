@@ -166,11 +166,7 @@ def _frequency_split_fwd_kernel(
     tile_stride_w,
     log2_scale,
     inv_norm,
-    # Strides
-    stride_x_b,
-    stride_x_c,
-    stride_x_h,
-    stride_x_w,
+    # Strides: the outputs', then the input's (the launcher's order: outputs, then inputs)
     stride_low_b,
     stride_low_c,
     stride_low_h,
@@ -179,6 +175,10 @@ def _frequency_split_fwd_kernel(
     stride_high_c,
     stride_high_h,
     stride_high_w,
+    stride_x_b,
+    stride_x_c,
+    stride_x_h,
+    stride_x_w,
     # Blocks and options
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
@@ -245,7 +245,7 @@ def _frequency_split_bwd_kernel(
     tile_stride_w,
     log2_scale,
     inv_norm,
-    # Strides
+    # Strides: the output's, then the inputs' (the launcher's order)
     stride_grad_x_b,
     stride_grad_x_c,
     stride_grad_x_h,
@@ -383,7 +383,7 @@ def _launch(kernel, outputs: list[torch.Tensor], inputs: list[torch.Tensor], sig
     shape = tuple(inputs[0].shape)
     tile_h, tile_w, num_warps, planes_per_program, stride_h, stride_w, grid = _launch_sizes(shape, radius)
     _, log2_scale, inv_norm = gaussian_constants(sigma)
-    strides = [s for tensor in outputs + inputs for s in tensor.stride()]
+    strides = [s for tensor in outputs + inputs for s in tensor.stride()]  # the kernels' order: outputs, inputs
     with on_device(outputs[0]):
         wrap_triton(kernel)[grid](
             *outputs,
