@@ -65,10 +65,11 @@ setup(
     # kernels/ and csrc/ live at the top of the repository (the project layout) but are installed inside the
     # package: a top-level module named `kernels` would clash with the PyPI package of that name.
     package_dir={"torch_medloss.kernels": "kernels", "torch_medloss.csrc": "csrc"},
-    # The same files torch_medloss/_extension.py compiles and hashes (_SOURCE_PATTERNS, _HEADER_PATTERNS): a wheel's
-    # library is found again only if the installed csrc/ hashes as the one it was built from.
+    # The same files torch_medloss/_extension.py compiles and hashes (_SOURCE_PATTERNS, _CUDA_SOURCE_PATTERNS, headers
+    # at any depth by _HEADER_SUFFIXES): a wheel's library is found again only if the installed csrc/ hashes as the
+    # one it was built from.
     package_data={
-        "torch_medloss.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.h", "cuda/*.cuh"],
+        "torch_medloss.csrc": ["*.cpp", "cpu/*.cpp", "cuda/*.cu", "**/*.h", "**/*.cuh", "**/*.hpp", "**/*.inc"],
     },
     include_package_data=False,
     cmdclass={"build_py": BuildPyWithExtension},

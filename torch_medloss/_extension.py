@@ -74,11 +74,11 @@ _MANIFEST = "manifest.json"
 _LOG = "build.log"
 # The package directory a wheel built with TORCH_MEDLOSS_PREBUILT=1 carries its libraries in (see setup.py).
 _PREBUILT = "_prebuilt"
-# The files of csrc/ a build reads, relative to it; setup.py ships the same patterns (keep the two lists equal: the
-# hash must see the same files in a checkout and in an installed package).
+# The files of csrc/ a build compiles, relative to it, and the headers it may include (at any depth); setup.py ships
+# the same (keep them equal: the hash must see the same files in a checkout and in an installed package).
 _SOURCE_PATTERNS = ("*.cpp", "cpu/*.cpp")
 _CUDA_SOURCE_PATTERNS = ("cuda/*.cu",)
-_HEADER_PATTERNS = ("*.h", "cpu/*.h", "cuda/*.h", "cuda/*.cuh")
+_HEADER_SUFFIXES = (".h", ".cuh", ".hpp", ".inc")
 # The per-instruction-set files (csrc/cpu/isa.h), compiled on x86-64 only.
 _X86_ONLY_SUFFIXES = ("_avx2.cpp", "_avx512.cpp")
 # Lines of a failed compiler run kept in the reason: the first error is usually in them; the log has them all.
@@ -213,7 +213,7 @@ def _entry_name(root: Path, sources: list[Path], with_cuda: bool) -> str:
     for path in sources:
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
-    for header in sorted({path for pattern in _HEADER_PATTERNS for path in root.glob(pattern)}):
+    for header in sorted(path for path in root.rglob("*") if path.suffix in _HEADER_SUFFIXES and path.is_file()):
         digest.update(header.relative_to(root).as_posix().encode())
         digest.update(header.read_bytes())
     toolchain = [
