@@ -660,3 +660,251 @@ def test_triton_kernels_compile_for_sm90_without_spills():
         """,
         interpret=False,
     )
+
+
+# ------------------------------------------------------------------------------------------- the C++ CPU kernels
+# What only the C++ kernels have: the focal term's own entry points (checked here on every form, alpha mode, target
+# kind and gamma case), the pixel chunks of their tasks, the thread count, and the instruction set picked at run
+# time. (Their values on everything else are checked with every backend's above.)
+
+CPP_CHUNK = 8192  # csrc/cpu/dice_sums_kernel.cpp's kChunkPixels: longer images are summed from several rows
+CPP = pytest.mark.parametrize("backend", ["cpp"], indirect=True)
+
+FOCAL_CASES = [
+    dict(focal=K.FOCAL_SIGMOID), dict(focal=K.FOCAL_SIGMOID, alpha=K.ALPHA_SCALAR),
+    dict(focal=K.FOCAL_SIGMOID, alpha=K.ALPHA_PER_CLASS, drop=True), dict(focal=K.FOCAL_SOFTMAX),
+    dict(focal=K.FOCAL_SOFTMAX, alpha=K.ALPHA_SCALAR, drop=True), dict(focal=K.FOCAL_SOFTMAX, alpha=K.ALPHA_PER_CLASS),
+]
+# (target kind, mask mode, ignore_index): labels with and without the label mask, soft targets with the channel mask
+# (a soft w), one-hot targets with the sentinel mask.
+FOCAL_TARGETS = [("labels", K.MASK_NONE, 0), ("labels", K.MASK_LABEL, 3), ("soft", K.MASK_CHANNEL, 1),
+                 ("onehot", K.MASK_SENTINEL, -100)]
+
+
+def focal_case(kind, mask_mode, ignore_index, dtype, generator, shape=(2, 5, 37)):
+    """(logits, target, params) of a focal case: every per-class row different."""
+    logits = make_logits(shape, dtype, generator)
+    if kind == "labels":
+        target = make_labels((shape[0], shape[2]), shape[1], torch.int64, generator,
+                             ignore_index if mask_mode else None)
+    else:
+        target = make_dense(shape, kind, torch.float64 if dtype == torch.float64 else torch.float32, generator,
+                            ignore_index if mask_mode else None)
+    prm = params(shape[1], gamma=1.5, ce_weight=[0.5, 1.0, 2.0, 1.5, 0.25][:shape[1]],
+                 dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                 focal_alpha=[0.1, 0.3, 0.5, 0.7, 0.9][:shape[1]], focal_weight=[1.0, 0.5, 2.0, 1.5, 3.0][:shape[1]])
+    return logits, target, prm
+
+
+@CPP
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("focal_gamma", [0.0, 1.0, 2.0, 1.5])
+@pytest.mark.parametrize("kind, mask_mode, ignore_index", FOCAL_TARGETS, ids=str)
+@pytest.mark.parametrize("focal_codes", FOCAL_CASES, ids=str)
+def test_cpp_focal_sums_match_reference(backend, focal_codes, kind, mask_mode, ignore_index, focal_gamma, dtype):
+    """The F sums and their gradient (a random upstream on every sum and extra) for each focal entry point."""
+    generator = torch.Generator().manual_seed(int(10 * focal_gamma) + mask_mode)
+    logits, target, prm = focal_case(kind, mask_mode, ignore_index, dtype, generator)
+    cds = codes(labels=kind == "labels", ignore_index=ignore_index, mask_mode=mask_mode, with_ce=True, **focal_codes)
+    check_sums(backend, logits, target, prm, cds, scalars(focal_gamma=focal_gamma, focal_alpha=0.3), generator)
+
+
+@CPP
+@pytest.mark.parametrize("focal", [K.FOCAL_SIGMOID, K.FOCAL_SOFTMAX])
+@pytest.mark.parametrize("layout", ["channels_last", "float16"])
+def test_cpp_focal_gathered_and_scattered_tiles(backend, focal, layout):
+    """Tiles gathered into buffers and gradients scattered from them (class stride 1, or a low-precision dtype):
+    the focal backward adds to the scattered tile."""
+    generator = torch.Generator().manual_seed(focal)
+    base = make_logits((2, 4, 6, 7), torch.float32, generator)
+    if layout == "channels_last":
+        logits = base.contiguous(memory_format=torch.channels_last).flatten(2)
+    else:
+        logits = base.flatten(2).to(torch.float16)
+    labels = make_labels((2, 42), 4, torch.uint8, generator, ignore_index=2)
+    cds = codes(mask_mode=K.MASK_LABEL, ignore_index=2, focal=focal, alpha=K.ALPHA_SCALAR, drop=True)
+    check_sums(backend, logits, labels, params(4, gamma=2.0), cds, scalars(), generator)
+    check_loss(backend, logits, labels, params(4, gamma=2.0), codes(head=K.HEAD_NONE, focal=focal,
+                                                                    reduction=K.REDUCTION_NONE), scalars(), generator)
+
+
+@CPP
+def test_cpp_softmax_focal_keeps_a_negative_infinite_logit_finite(backend):
+    """A masked class (logit -inf) that is never the label: its softmax focal terms are selected away, not
+    0 * -inf, as kernels/dice_sums.py's _focal does. (The reference computes MONAI's formula, which is NaN there, so
+    the expected values are the reference's on a logit of -1e4, whose exp(x - max) is 0 in float32 as well. The
+    sigmoid form is NaN on every backend: MONAI's x - x y is -inf - NaN.)"""
+    generator = torch.Generator().manual_seed(8)
+    logits = make_logits((1, 3, 16), torch.float32, generator)
+    logits[:, 2] = -math.inf
+    finite = torch.where(torch.isinf(logits), -1e4, logits)
+    labels = make_labels((1, 16), 2, torch.int64, generator)
+    for cds in (codes(focal=K.FOCAL_SOFTMAX, with_ce=True),
+                codes(head=K.HEAD_NONE, focal=K.FOCAL_SOFTMAX, reduction=K.REDUCTION_NONE),
+                codes(focal=K.FOCAL_SOFTMAX, alpha=K.ALPHA_SCALAR, with_ce=True, drop=True, reduction=K.REDUCTION_SUM)):
+        got = run_loss(backend, logits, labels, params(3), cds, scalars())
+        assert all(torch.isfinite(t).all() for t in got), cds
+        assert_close(got, expected(finite, labels, params(3), cds, scalars(), fn="loss"), torch.float32, f"{cds}")
+
+
+@CPP
+def test_cpp_focal_map_with_bad_labels(backend):
+    """FocalLoss's reduction "none": the map comes from the forward pass, the poison from the head (NaN everywhere for
+    a bad label), and the gradient of the valid elements is untouched."""
+    generator = torch.Generator().manual_seed(12)
+    logits = make_logits((2, 3, 19), torch.float32, generator)
+    labels = make_labels((2, 19), 3, torch.int64, generator, invalid=True)
+    for focal in (K.FOCAL_SIGMOID, K.FOCAL_SOFTMAX):
+        cds = codes(head=K.HEAD_NONE, focal=focal, reduction=K.REDUCTION_NONE, drop=True)
+        upstream = torch.rand(2, 2, 19, generator=generator, dtype=torch.float64)
+        loss, grad = run_loss(backend, logits, labels, params(3), cds, scalars(), upstream)
+        assert loss.shape == (2, 2, 19) and torch.isnan(loss).all()
+        _, want = expected(logits, labels, params(3), cds, scalars(), fn="loss", upstream=upstream)
+        assert_close((grad,), (want,), torch.float32, f"focal {focal} gradient with bad labels")
+
+
+@CPP
+@pytest.mark.parametrize("variant", [
+    dict(with_ce=True, mask_mode=K.MASK_LABEL, ignore_index=2, gamma=2.0),
+    dict(focal=K.FOCAL_SOFTMAX, alpha=K.ALPHA_PER_CLASS, batch=True, mask_mode=K.MASK_LABEL, ignore_index=2),
+    dict(head=K.HEAD_NONE, focal=K.FOCAL_SIGMOID, reduction=K.REDUCTION_NONE, drop=True),
+    dict(head=K.HEAD_GENERALIZED, focal=K.FOCAL_SIGMOID, focal_mask=True, mask_mode=K.MASK_LABEL, ignore_index=2),
+], ids=str)
+def test_cpp_several_chunks_per_image(backend, variant):
+    """Images longer than a task's chunk: every sum (F and the valid count too) is added from several rows."""
+    variant = dict(variant)
+    gamma = variant.pop("gamma", 0.0)
+    generator = torch.Generator().manual_seed(len(variant))
+    pixels = 2 * CPP_CHUNK + 77
+    logits = make_logits((2, 3, pixels), torch.float64, generator)
+    labels = make_labels((2, pixels), 3, torch.int64, generator, ignore_index=2)
+    prm = params(3, gamma=gamma, dtype=torch.float64, focal_alpha=[0.2, 0.5, 0.8])
+    check_loss(backend, logits, labels, prm, codes(**variant), scalars(), generator)
+    check_sums(backend, logits, labels, prm, codes(**variant), scalars(), generator)
+
+
+def _expanded(x):
+    return x[:, :, :1].expand(-1, -1, 40)  # pixel stride 0: one pixel read 40 times
+
+
+@CPP
+@pytest.mark.parametrize("case", ["dense_float64", "dense_bfloat16", "dense_float16", "classes_70_smoothing_1",
+                                  "wide_int64_labels", "uint8_156", "pixel_stride_0", "channels_last_3d"])
+def test_cpp_inputs(backend, case):
+    """Inputs the C++ tiles treat apart: dense targets of another dtype than the logits (gathered, converted), many
+    classes (small tiles), label values that would wrap if narrowed (2**32 + 1 is not class 1; uint8 156 is not
+    -100), a pixel stride of 0 and channels_last_3d logits (gathered, the gradient scattered)."""
+    generator = torch.Generator().manual_seed(len(case))
+    cds, scl, prm = codes(with_ce=True, squared=True), scalars(label_smoothing=0.1), params(4, gamma=[0, 1, 2, 0.5])
+    if case.startswith("dense"):
+        logits = make_logits((2, 4, 50), torch.float32, generator)
+        target = make_dense((2, 4, 50), "soft", getattr(torch, case.split("_")[1]), generator)
+        cds = codes(labels=False, with_ce=True, mask_mode=K.MASK_SENTINEL, ignore_index=-1)
+    elif case == "classes_70_smoothing_1":
+        logits = make_logits((2, 70, 45), torch.float32, generator)
+        target = make_labels((2, 45), 70, torch.int64, generator)
+        prm, scl = params(70, gamma="random", generator=generator), scalars(label_smoothing=1.0)
+    elif case in ("wide_int64_labels", "uint8_156"):
+        logits = make_logits((2, 4, 30), torch.float32, generator)
+        target = make_labels((2, 30), 4, torch.int64 if case == "wide_int64_labels" else torch.uint8, generator)
+        target.view(-1)[1::5] = 2**32 + 1 if case == "wide_int64_labels" else 156
+        cds = codes(with_ce=True, mask_mode=K.MASK_LABEL, ignore_index=-100)
+        sums, extras = op.dice_sums(backend, logits, target, prm, cds, scl)
+        assert extras[:, K.DICE_EXTRA_INVALID].sum().item() == 12
+        check_sums(backend, logits, target, prm, cds, scl, generator)  # (the loss is NaN: a bad label)
+        return
+    elif case == "pixel_stride_0":
+        logits = _expanded(make_logits((2, 4, 5), torch.float32, generator))
+        target = _expanded(make_dense((2, 4, 5), "soft", torch.float32, generator))
+        cds = codes(labels=False, with_ce=True, focal=K.FOCAL_SIGMOID)
+    else:
+        image = make_logits((2, 4, 3, 5, 6), torch.float32, generator).contiguous(memory_format=torch.channels_last_3d)
+        logits = image.flatten(2)
+        assert logits.data_ptr() == image.data_ptr() and logits.stride(1) == 1
+        target = make_labels((2, 90), 4, torch.int64, generator, ignore_index=1)
+        cds = codes(with_ce=True, mask_mode=K.MASK_LABEL, ignore_index=1, focal=K.FOCAL_SOFTMAX)
+    check_sums(backend, logits, target, prm, cds, scl, generator)
+    check_loss(backend, logits, target, prm, cds, scl, generator)
+
+
+def _cpp_case(generator):
+    """Several chunks per image, and every part of the tiles on: softmax, squared, PM Dice's pow, cross entropy with
+    label smoothing, the label mask, a focal term."""
+    logits = make_logits((2, 5, 3 * CPP_CHUNK + 77), torch.float32, generator)
+    labels = make_labels((2, 3 * CPP_CHUNK + 77), 5, torch.int16, generator, ignore_index=4)
+    prm = params(5, gamma=[0.0, 1.0, 2.0, 0.5, 3.25], ce_weight=[0.5, 1.0, 2.0, 1.5, 0.25],
+                 focal_alpha=[0.1, 0.3, 0.5, 0.7, 0.9])
+    cases = [codes(squared=True, with_ce=True, batch=True, mask_mode=K.MASK_LABEL, ignore_index=4, drop=True,
+                   focal=K.FOCAL_SIGMOID, alpha=K.ALPHA_PER_CLASS),
+             codes(activation=K.ACTIVATION_SIGMOID, mask_mode=K.MASK_LABEL, ignore_index=4, focal=K.FOCAL_SOFTMAX,
+                   reduction=K.REDUCTION_SUM, head=K.HEAD_TVERSKY),
+             codes(head=K.HEAD_NONE, focal=K.FOCAL_SOFTMAX, reduction=K.REDUCTION_NONE)]
+    return logits, labels, prm, cases, scalars(label_smoothing=0.1, focal_gamma=1.5)
+
+
+def _cpp_outputs(logits, labels, prm, cases, scl, generator):
+    """The loss and its gradient of each case, and the sums, extras and their gradient of the first."""
+    outputs = []
+    for cds in cases:
+        shape = K.dice_loss_shape(logits.shape[0], logits.shape[1], cds, logits.shape[2])
+        outputs += run_loss("cpp", logits, labels, prm, cds, scl, torch.rand(shape, generator=generator))
+    grads = (torch.randn(2, 5, K.DICE_NUM_SUMS, generator=generator), torch.randn(2, K.DICE_NUM_EXTRAS,
+                                                                                  generator=generator))
+    outputs += run_sums("cpp", logits, labels, prm, cases[0], scl, grads)
+    return outputs
+
+
+@CPP
+def test_cpp_deterministic_and_thread_count_independent(backend):
+    """Chunks of a constant size, each summed into its own row, the rows added in order: bitwise the same results
+    for any number of threads."""
+    case = _cpp_case(torch.Generator().manual_seed(29))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 1, 2):
+            torch.set_num_threads(count)
+            results.append(_cpp_outputs(*case, torch.Generator().manual_seed(30)))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        for got, first in zip(result, results[0], strict=True):
+            assert torch.equal(got, first), f"differs by {(got - first).abs().max().item()}"
+
+
+_ISA_SCRIPT = """
+import sys
+import torch
+from torch_medloss import _extension
+import torch_medloss.ops.dice_sums  # noqa: F401  (the autograd of the C++ ops)
+
+sys.path.insert(0, sys.argv[2])
+import test_dice_sums as t
+
+assert _extension.why_not_loaded(cuda=False) is None
+case = torch.load(sys.argv[1] + "/case.pt")
+outputs = t._cpp_outputs(*case, torch.Generator().manual_seed(30))
+torch.save((torch.backends.cpu.get_cpu_capability(), outputs), sys.argv[1] + "/" + sys.argv[3] + ".pt")
+"""
+
+
+@CPP
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpp_instruction_sets_agree(backend, capability, tmp_path):
+    """The float32 tiles are compiled for the baseline, AVX2 and AVX-512 and picked at run time (torch's
+    ATEN_CPU_CAPABILITY caps the choice, read once per process): each gives the same results within float32
+    rounding (FMA changes the last bits), in a process of its own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    case = _cpp_case(torch.Generator().manual_seed(29))
+    torch.save(case, tmp_path / "case.pt")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path), str(Path(__file__).parent), capability],
+                   env=env, check=True, timeout=600)
+    used, got = torch.load(tmp_path / f"{capability}.pt")
+    assert used == capability.upper() or (capability == "avx2" and used == "DEFAULT"), used
+    here = _cpp_outputs(*case, torch.Generator().manual_seed(30))
+    assert_close(got, here, torch.float32, f"{capability} against {torch.backends.cpu.get_cpu_capability()}")

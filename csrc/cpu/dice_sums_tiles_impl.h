@@ -158,7 +158,7 @@ MEDLOSS_INLINE int64_t load_labels_body(const Options<acc_t>& o, const label_t* 
   using unsigned_t = std::make_unsigned_t<value_t>;
   const unsigned_t classes = static_cast<unsigned_t>(o.classes);
   // The ignored label, when mode 1 masks one that value_t can hold (no label equals any other).
-  const bool masked = o.mask_mode == kMaskLabel && o.ignore_index >= std::numeric_limits<value_t>::min() &&
+  const bool masked = o.mask_mode == MASK_LABEL && o.ignore_index >= std::numeric_limits<value_t>::min() &&
                       o.ignore_index <= std::numeric_limits<value_t>::max();
   const value_t ignored_label = masked ? static_cast<value_t>(o.ignore_index) : value_t(0);
   int32_t* labels = s.label.data();
@@ -237,9 +237,9 @@ MEDLOSS_INLINE void softmax_stats(const Options<acc_t>& o, const Rows<acc_t>& ro
 // The activation of one logit: softmax from e = exp(x - max) and inv = 1 / sum, the sigmoid, or x itself.
 template <int64_t kActivation, typename acc_t>
 MEDLOSS_INLINE acc_t probability(acc_t x, acc_t e, acc_t inv) {
-  if constexpr (kActivation == kActivationSoftmax) {
+  if constexpr (kActivation == ACTIVATION_SOFTMAX) {
     return e * inv;
-  } else if constexpr (kActivation == kActivationSigmoid) {
+  } else if constexpr (kActivation == ACTIVATION_SIGMOID) {
     return sigmoid_acc(x);
   } else {
     return x;
@@ -305,9 +305,11 @@ MEDLOSS_INLINE void forward_pixel(const ForwardRow<acc_t>& r, int64_t j, acc_t& 
   if constexpr (kCE) {
     // -(cross entropy) = sum_c a_c log q_c, a_c = cw_c ((1 - eps) y_c + eps / C), log q_c = x_c - max - log_sum.
     // For a one-hot y this is the reference's (1 - eps) cw[L] log q_L + (eps / C) sum_c cw_c log q_c.
+    // A term with a zero share is selected away, not multiplied: a -inf logit (a masked class) has log q = -inf,
+    // and torch's cross entropy reads it only at the label or where label smoothing and the class weight put weight.
     const acc_t y = target_at<kLabels>(r.labels, r.cls, r.y, j);
     const acc_t share = r.weight * (r.keep * y + r.spread);
-    r.total[j] += share * (r.x[j] - r.max[j] - r.log_sum[j]);
+    r.total[j] += select(share != acc_t(0), share * (r.x[j] - r.max[j] - r.log_sum[j]), acc_t(0));
     if constexpr (kLabels) {
       ce_den += r.weight * y;
     }
@@ -333,14 +335,14 @@ MEDLOSS_INLINE void forward_row(const Options<acc_t>& o, const Rows<acc_t>& rows
                             o.keep,
                             o.spread,
                             static_cast<int32_t>(c)};
-  acc_t* lanes = s.lanes.data() + c * kNumSums * kLanes;
-  acc_t* den_lanes = s.lanes.data() + (o.classes * kNumSums + 1) * kLanes;
+  acc_t* lanes = s.lanes.data() + c * DICE_NUM_SUMS * kLanes;
+  acc_t* den_lanes = s.lanes.data() + (o.classes * DICE_NUM_SUMS + kRowCeDen) * kLanes;
   acc_t sum_i[kLanes], sum_p[kLanes], sum_g[kLanes], sum_d[kLanes], den[kLanes];
   for (int64_t m = 0; m < kLanes; ++m) {
-    sum_i[m] = lanes[m];
-    sum_p[m] = lanes[kLanes + m];
-    sum_g[m] = lanes[2 * kLanes + m];
-    sum_d[m] = lanes[3 * kLanes + m];
+    sum_i[m] = lanes[DICE_SUM_I * kLanes + m];
+    sum_p[m] = lanes[DICE_SUM_P * kLanes + m];
+    sum_g[m] = lanes[DICE_SUM_G * kLanes + m];
+    sum_d[m] = lanes[DICE_SUM_D * kLanes + m];
     den[m] = den_lanes[m];
   }
   int64_t q = 0;
@@ -356,10 +358,10 @@ MEDLOSS_INLINE void forward_row(const Options<acc_t>& o, const Rows<acc_t>& rows
                                                                     den[m]);
   }
   for (int64_t m = 0; m < kLanes; ++m) {
-    lanes[m] = sum_i[m];
-    lanes[kLanes + m] = sum_p[m];
-    lanes[2 * kLanes + m] = sum_g[m];
-    lanes[3 * kLanes + m] = sum_d[m];
+    lanes[DICE_SUM_I * kLanes + m] = sum_i[m];
+    lanes[DICE_SUM_P * kLanes + m] = sum_p[m];
+    lanes[DICE_SUM_G * kLanes + m] = sum_g[m];
+    lanes[DICE_SUM_D * kLanes + m] = sum_d[m];
     den_lanes[m] = den[m];
   }
 }
@@ -380,35 +382,48 @@ MEDLOSS_INLINE void forward_row_any(const Options<acc_t>& o, const Rows<acc_t>& 
   }
 }
 
+// lanes[m] += values[j] for the pixels j = m mod kLanes of a tile, in pixel order.
+template <typename acc_t>
+MEDLOSS_INLINE void add_to_lanes(const acc_t* values, int64_t n, acc_t* lanes) {
+  int64_t q = 0;
+  for (; q + kLanes <= n; q += kLanes) {
+    MEDLOSS_SIMD
+    for (int64_t m = 0; m < kLanes; ++m) {
+      lanes[m] += values[q + m];
+    }
+  }
+  for (int64_t m = 0; q + m < n; ++m) {
+    lanes[m] += values[q + m];
+  }
+}
+
 template <typename acc_t, int64_t kActivation, bool kSquared, bool kLabels>
 MEDLOSS_INLINE void forward_tile_body(const Options<acc_t>& o, const Rows<acc_t>& rows, int64_t n,
                                       Scratch<acc_t>& s) {
-  if (kActivation == kActivationSoftmax || o.with_ce) {
+  if (kActivation == ACTIVATION_SOFTMAX || o.with_ce) {
     softmax_stats(o, rows, n, o.with_ce, s);
   }
   acc_t* total = s.total.data();
+  acc_t* extra_lanes = s.lanes.data() + o.classes * DICE_NUM_SUMS * kLanes;
   if (o.with_ce) {
     std::fill(total, total + n, acc_t(0));
     for (int64_t c = 0; c < o.classes; ++c) {
       forward_row_any<acc_t, kActivation, kSquared, kLabels, true>(o, rows, c, n, s);
     }
+    // -(cross entropy) of the pixels that count; an invalid label's pixel is selected away (its total may be
+    // infinite under label smoothing with a -inf logit), as the reference's where(in_range, ...).
     const acc_t* v = s.v.data();
-    acc_t* ce_num = s.lanes.data() + o.classes * kNumSums * kLanes;
-    int64_t q = 0;
-    for (; q + kLanes <= n; q += kLanes) {
-      MEDLOSS_SIMD
-      for (int64_t m = 0; m < kLanes; ++m) {
-        ce_num[m] -= v[q + m] * total[q + m];
-      }
+    MEDLOSS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      total[j] = select(v[j] != acc_t(0), -total[j], acc_t(0));
     }
-    for (int64_t m = 0; q + m < n; ++m) {
-      ce_num[m] -= v[q + m] * total[q + m];
-    }
+    add_to_lanes(total, n, extra_lanes + kRowCeNum * kLanes);
   } else {
     for (int64_t c = 0; c < o.classes; ++c) {
       forward_row_any<acc_t, kActivation, kSquared, kLabels, false>(o, rows, c, n, s);
     }
   }
+  add_to_lanes(s.w.data(), n, extra_lanes + kRowValid * kLanes);  // the valid pixels: sum of w
 }
 
 // First pass over class row c: dL/dp_c = w m (gI y' + gP k p'^(k-1) + gD sign(p' - y')), then through the sigmoid.
@@ -432,9 +447,9 @@ MEDLOSS_INLINE void backward_row(const Options<acc_t>& o, const Upstream<acc_t>&
   const acc_t weight = o.ce_weight[c];
   const acc_t keep = o.keep;
   const acc_t spread = o.spread;
-  const acc_t grad_i = up.sums[c * kNumSums + 0];
-  const acc_t grad_p = up.sums[c * kNumSums + 1];
-  const acc_t grad_d = up.sums[c * kNumSums + 3];
+  const acc_t grad_i = up.sums[c * DICE_NUM_SUMS + DICE_SUM_I];
+  const acc_t grad_p = up.sums[c * DICE_NUM_SUMS + DICE_SUM_P];
+  const acc_t grad_d = up.sums[c * DICE_NUM_SUMS + DICE_SUM_D];
   const int32_t cls = static_cast<int32_t>(c);
   MEDLOSS_SIMD
   for (int64_t j = 0; j < n; ++j) {
@@ -447,13 +462,13 @@ MEDLOSS_INLINE void backward_row(const Options<acc_t>& o, const Upstream<acc_t>&
     // gD sign(p' - y') as a choice between gD, -gD and 0.
     const acc_t grad_sign = select(diff > acc_t(0), grad_d, select(diff < acc_t(0), -grad_d, acc_t(0)));
     acc_t g = (grad_i * yw + grad_p * d_pred + grad_sign) * m * w[j];
-    if constexpr (kActivation == kActivationSigmoid) {
+    if constexpr (kActivation == ACTIVATION_SIGMOID) {
       g = g * p * (acc_t(1) - p);
     }
     if constexpr (kCE) {
       total[j] += weight * (keep * target_at<kLabels>(labels, cls, yc, j) + spread);
     }
-    if constexpr (kActivation == kActivationSoftmax) {
+    if constexpr (kActivation == ACTIVATION_SOFTMAX) {
       ec[j] = p;
       gc[j] = g;
       dot[j] += p * g;
@@ -488,11 +503,11 @@ MEDLOSS_INLINE void backward_finish_row(const Options<acc_t>& o, const Upstream<
   MEDLOSS_SIMD
   for (int64_t j = 0; j < n; ++j) {
     acc_t g = gc[j];
-    if constexpr (kActivation == kActivationSoftmax) {
+    if constexpr (kActivation == ACTIVATION_SOFTMAX) {
       g = ec[j] * (g - dot[j]);
     }
     if constexpr (kCE) {
-      const acc_t q = kActivation == kActivationSoftmax ? ec[j] : ec[j] * inv[j];
+      const acc_t q = kActivation == ACTIVATION_SOFTMAX ? ec[j] : ec[j] * inv[j];
       const acc_t share = weight * (keep * target_at<kLabels>(labels, cls, yc, j) + spread);
       g += grad_ce * v[j] * (q * total[j] - share);
     }
@@ -521,7 +536,7 @@ MEDLOSS_INLINE void backward_row_any(const Options<acc_t>& o, const Upstream<acc
 template <typename acc_t, int64_t kActivation, bool kSquared, bool kLabels>
 MEDLOSS_INLINE void backward_tile_body(const Options<acc_t>& o, const Upstream<acc_t>& up, const Rows<acc_t>& rows,
                                        int64_t n, Scratch<acc_t>& s, acc_t* out, int64_t out_row) {
-  constexpr bool kSoftmax = kActivation == kActivationSoftmax;
+  constexpr bool kSoftmax = kActivation == ACTIVATION_SOFTMAX;
   if (kSoftmax || o.with_ce) {
     softmax_stats(o, rows, n, /*with_log=*/false, s);
   }
@@ -543,6 +558,272 @@ MEDLOSS_INLINE void backward_tile_body(const Options<acc_t>& o, const Upstream<a
     if (kSoftmax) {
       for (int64_t c = 0; c < o.classes; ++c) {
         backward_finish_row<acc_t, kActivation, kLabels, false>(o, up, rows, c, n, s, out + c * out_row);
+      }
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------------------------- focal term
+// MONAI's focal loss on the raw logits, masked as MONAI masks it: the terms of (x w, y w), times w, times the focal
+// class weight, on the kept classes c >= drop (reference.dice_sums.focal_terms; kernels/dice_sums.py _focal has the
+// same formulas). Its own entry points, run after the Dice tile, so that it costs nothing when it is off. A term
+// with y' = 0 is selected away, not multiplied (a -inf logit has log p = -inf); select() computes both sides, so
+// the NaN of the side not taken never reaches a sum.
+
+// log(sigmoid(z)) without overflow from e = exp(-|z|): min(z, 0) - log(1 + e).
+template <typename acc_t>
+MEDLOSS_INLINE acc_t log_sigmoid_from(acc_t z, acc_t e) {
+  return select(z < acc_t(0), z, acc_t(0)) - log_acc(acc_t(1) + e);
+}
+
+// sigmoid(z) from e = exp(-|z|): 1 / (1 + e) for z >= 0, e / (1 + e) below (no overflow either way).
+template <typename acc_t>
+MEDLOSS_INLINE acc_t sigmoid_from(acc_t z, acc_t e) {
+  const acc_t inv = acc_t(1) / (acc_t(1) + e);
+  return select(z >= acc_t(0), inv, e * inv);
+}
+
+// The sigmoid form's alpha factor of one element: 1; y' alpha + (1 - y')(1 - alpha) (a scalar alpha); or alpha_c on
+// the positives (y' == 1) only, 1 elsewhere (per-class alpha).
+template <int64_t kAlpha, typename acc_t>
+MEDLOSS_INLINE acc_t sigmoid_alpha(acc_t yw, acc_t alpha_scalar, acc_t alpha_class) {
+  if constexpr (kAlpha == ALPHA_SCALAR) {
+    return yw * alpha_scalar + (acc_t(1) - yw) * (acc_t(1) - alpha_scalar);
+  } else if constexpr (kAlpha == ALPHA_PER_CLASS) {
+    return select(yw == acc_t(1), alpha_class, acc_t(1));
+  } else {
+    return acc_t(1);
+  }
+}
+
+// The softmax form's alpha factor of class c, a constant of the row: 1; 1 - alpha for the first kept class and alpha
+// for the others (a scalar alpha); alpha_c (per-class alpha).
+template <typename acc_t>
+acc_t softmax_alpha(const Options<acc_t>& o, int64_t c) {
+  if (o.alpha_mode == ALPHA_SCALAR) {
+    return c == o.drop ? acc_t(1) - o.focal_alpha : o.focal_alpha;
+  }
+  return o.alpha_mode == ALPHA_PER_CLASS ? o.alpha[c] : acc_t(1);
+}
+
+// The sigmoid form of one element, t = A bce alpha, with A = sigmoid(-x' s)^gamma, s = 2 y' - 1, bce = x' - x' y' -
+// log sigmoid(x') (reference.focal.sigmoid_focal_terms), on x' = x w, y' = y w. With GRAD it also gives d t / dx'
+// = A (-gamma s sigmoid(x' s) bce + sigmoid(x') - y') alpha. For labels s = +-1, so |x' s| = |x'| and one exp(-|x'|)
+// serves every log sigmoid and sigmoid of the element; a soft dense target takes its own for x' s.
+template <bool kGrad, int64_t kAlpha, bool kLabels, typename acc_t>
+MEDLOSS_INLINE acc_t sigmoid_focal(acc_t xw, acc_t yw, acc_t gamma, acc_t alpha_scalar, acc_t alpha_class,
+                                   acc_t& d_term) {
+  const acc_t sign = acc_t(2) * yw - acc_t(1);
+  const acc_t z = -xw * sign;  // A = exp(gamma log sigmoid(z))
+  const acc_t e = exp_acc</*kNonPositive=*/true>(-std::abs(xw));
+  acc_t e_z = e;
+  if constexpr (!kLabels) {
+    e_z = exp_acc</*kNonPositive=*/true>(-std::abs(z));
+  }
+  const acc_t bce = xw - xw * yw - log_sigmoid_from(xw, e);
+  const acc_t a = exp_acc(gamma * log_sigmoid_from(z, e_z));
+  const acc_t factor = sigmoid_alpha<kAlpha>(yw, alpha_scalar, alpha_class);
+  if constexpr (kGrad) {
+    // sigmoid(x' s) = sigmoid(-z)
+    const acc_t slope = -gamma * sign * sigmoid_from(-z, e_z) * bce + sigmoid_from(xw, e) - yw;
+    d_term = a * slope * factor;
+  }
+  return a * bce * factor;
+}
+
+// Class row c of a tile, sigmoid form: the terms t w fw into row (the focal_row buffer), or, with GRAD, the gradient
+// d(upstream t(x w) w fw)/dx = upstream d t / dx' w^2 fw added to out; up: the upstream per pixel.
+template <bool kGrad, int64_t kAlpha, bool kLabels, typename acc_t>
+MEDLOSS_INLINE void sigmoid_focal_row(const Options<acc_t>& o, const Rows<acc_t>& rows, int64_t c, int64_t n,
+                                      Scratch<acc_t>& s, const acc_t* up, acc_t* row) {
+  const acc_t* xc = rows.x + c * rows.x_row;
+  const acc_t* yc = kLabels ? nullptr : rows.y + c * rows.y_row;
+  const acc_t* w = s.w.data();
+  const int32_t* labels = s.label.data();
+  const int32_t cls = static_cast<int32_t>(c);
+  const acc_t gamma = o.focal_gamma;
+  const acc_t alpha_scalar = o.focal_alpha;
+  const acc_t alpha_class = o.alpha[c];
+  const acc_t weight = o.focal_weight[c];
+  MEDLOSS_SIMD
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t xw = xc[j] * w[j];
+    const acc_t yw = masked_target_at<kLabels>(labels, cls, yc, w, j);
+    acc_t d_term = acc_t(0);
+    const acc_t term = sigmoid_focal<kGrad, kAlpha, kLabels>(xw, yw, gamma, alpha_scalar, alpha_class, d_term);
+    if constexpr (kGrad) {
+      row[j] += up[j] * (d_term * (weight * w[j]) * w[j]);
+    } else {
+      row[j] = term * (weight * w[j]);
+    }
+  }
+}
+
+// The softmax form's statistics over the kept classes of x' = x w: max, e = exp(x' - max) (s.focal_e), 1 / sum_c e
+// and log(sum_c e).
+template <typename acc_t>
+MEDLOSS_INLINE void softmax_focal_stats(const Options<acc_t>& o, const Rows<acc_t>& rows, int64_t n,
+                                        Scratch<acc_t>& s) {
+  const acc_t* w = s.w.data();
+  acc_t* max = s.focal_max.data();
+  acc_t* sum = s.focal_inv.data();  // the sum, then its inverse in place
+  acc_t* log_sum = s.focal_log.data();
+  const acc_t* first = rows.x + o.drop * rows.x_row;
+  MEDLOSS_SIMD
+  for (int64_t j = 0; j < n; ++j) {
+    max[j] = first[j] * w[j];
+    sum[j] = acc_t(0);
+  }
+  for (int64_t c = o.drop + 1; c < o.classes; ++c) {
+    const acc_t* xc = rows.x + c * rows.x_row;
+    MEDLOSS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t xw = xc[j] * w[j];
+      max[j] = xw > max[j] ? xw : max[j];
+    }
+  }
+  for (int64_t c = o.drop; c < o.classes; ++c) {
+    const acc_t* xc = rows.x + c * rows.x_row;
+    acc_t* ec = s.focal_e.data() + c * o.tile;
+    MEDLOSS_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      ec[j] = exp_acc</*kNonPositive=*/true>(xc[j] * w[j] - max[j]);
+      sum[j] += ec[j];
+    }
+  }
+  MEDLOSS_SIMD
+  for (int64_t j = 0; j < n; ++j) {
+    log_sum[j] = log_acc(sum[j]);
+    sum[j] = acc_t(1) / sum[j];
+  }
+}
+
+// Class row c of a tile, softmax form (reference.focal.softmax_focal_terms over the kept classes): p = e / sum,
+// t = -(1 - p)^gamma log p y' alpha_c, times w fw, into row. With GRAD: replaces e by p in s.focal_e, writes
+// upstream d t / d log p w^2 fw to s.focal_g and adds it to s.focal_dot, where d t / d log p = -y' ((1 - p)^gamma -
+// gamma p log p (1 - p)^(gamma - 1)) alpha_c (torch's pow gradient: 0 for gamma = 0, the power 1 for gamma = 1).
+// kMod: gamma 0, 1, 2 or other (the modulator kinds).
+template <bool kGrad, int kMod, bool kLabels, typename acc_t>
+MEDLOSS_INLINE void softmax_focal_row(const Options<acc_t>& o, const Rows<acc_t>& rows, int64_t c, int64_t n,
+                                      Scratch<acc_t>& s, const acc_t* up, acc_t* row) {
+  const acc_t* xc = rows.x + c * rows.x_row;
+  const acc_t* yc = kLabels ? nullptr : rows.y + c * rows.y_row;
+  const acc_t* w = s.w.data();
+  const int32_t* labels = s.label.data();
+  const int32_t cls = static_cast<int32_t>(c);
+  acc_t* ec = s.focal_e.data() + c * o.tile;
+  const acc_t* max = s.focal_max.data();
+  const acc_t* inv = s.focal_inv.data();
+  const acc_t* log_sum = s.focal_log.data();
+  const acc_t gamma = o.focal_gamma;
+  const acc_t scale = softmax_alpha(o, c) * o.focal_weight[c];
+  acc_t* gc = kGrad ? s.focal_g.data() + c * o.tile : nullptr;
+  acc_t* dot = kGrad ? s.focal_dot.data() : nullptr;
+  MEDLOSS_SIMD
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t yw = masked_target_at<kLabels>(labels, cls, yc, w, j);
+    const acc_t p = ec[j] * inv[j];
+    const acc_t log_p = (xc[j] * w[j] - max[j]) - log_sum[j];
+    const acc_t rest = acc_t(1) - p;
+    const acc_t power = modulator<kMod>(rest, std::abs(rest), gamma);
+    const bool hit = yw != acc_t(0);
+    if constexpr (kGrad) {
+      acc_t inner;
+      if constexpr (kMod == kModOne) {
+        inner = acc_t(0);
+      } else if constexpr (kMod == kModAbs) {
+        inner = p * log_p;
+      } else if constexpr (kMod == kModSquare) {
+        inner = acc_t(2) * p * log_p * rest;
+      } else {
+        inner = gamma * p * log_p * pow_acc(std::abs(rest), gamma - acc_t(1));
+      }
+      const acc_t d_log_p = select(hit, -yw * (power - inner) * scale * w[j] * w[j], acc_t(0));
+      const acc_t g = up[j] * d_log_p;
+      ec[j] = p;
+      gc[j] = g;
+      dot[j] += g;
+    } else {
+      row[j] = select(hit, -(power * log_p) * yw * scale * w[j], acc_t(0));
+    }
+  }
+}
+
+template <bool kGrad, bool kLabels, typename acc_t>
+MEDLOSS_INLINE void softmax_focal_row_any(const Options<acc_t>& o, const Rows<acc_t>& rows, int64_t c, int64_t n,
+                                          Scratch<acc_t>& s, const acc_t* up, acc_t* row) {
+  switch (modulator_kind(o.focal_gamma)) {
+    case kModOne:
+      return softmax_focal_row<kGrad, kModOne, kLabels>(o, rows, c, n, s, up, row);
+    case kModAbs:
+      return softmax_focal_row<kGrad, kModAbs, kLabels>(o, rows, c, n, s, up, row);
+    case kModSquare:
+      return softmax_focal_row<kGrad, kModSquare, kLabels>(o, rows, c, n, s, up, row);
+    default:
+      return softmax_focal_row<kGrad, kModPow, kLabels>(o, rows, c, n, s, up, row);
+  }
+}
+
+// The focal forward of one tile: F of each kept class into its lanes and, given a map, the terms into its rows.
+template <int64_t kFocal, int64_t kAlpha, bool kLabels, typename acc_t>
+MEDLOSS_INLINE void focal_forward_body(const Options<acc_t>& o, const Rows<acc_t>& rows, int64_t n, Scratch<acc_t>& s,
+                                       acc_t* map, int64_t map_row) {
+  if constexpr (kFocal == FOCAL_SOFTMAX) {
+    softmax_focal_stats(o, rows, n, s);
+  }
+  acc_t* row = s.focal_row.data();
+  const acc_t* no_upstream = nullptr;
+  for (int64_t c = o.drop; c < o.classes; ++c) {
+    if constexpr (kFocal == FOCAL_SOFTMAX) {
+      softmax_focal_row_any</*kGrad=*/false, kLabels>(o, rows, c, n, s, no_upstream, row);
+    } else {
+      sigmoid_focal_row</*kGrad=*/false, kAlpha, kLabels>(o, rows, c, n, s, no_upstream, row);
+    }
+    add_to_lanes(row, n, s.lanes.data() + (c * DICE_NUM_SUMS + DICE_SUM_F) * kLanes);
+    if (map != nullptr) {
+      std::copy(row, row + n, map + (c - o.drop) * map_row);
+    }
+  }
+}
+
+// The focal backward of one tile: adds d(upstream F)/dx to the gradient rows (class c at out + c * out_row). The
+// upstream of class c: its F row of up.sums, times each element's of up.focal_map when there is one.
+template <int64_t kFocal, int64_t kAlpha, bool kLabels, typename acc_t>
+MEDLOSS_INLINE void focal_backward_body(const Options<acc_t>& o, const Upstream<acc_t>& up, const Rows<acc_t>& rows,
+                                        int64_t n, Scratch<acc_t>& s, acc_t* out, int64_t out_row) {
+  if constexpr (kFocal == FOCAL_SOFTMAX) {
+    softmax_focal_stats(o, rows, n, s);
+    std::fill(s.focal_dot.data(), s.focal_dot.data() + n, acc_t(0));
+  }
+  acc_t* upstream = s.focal_row.data();
+  acc_t* no_row = nullptr;  // the softmax rows go to s.focal_g first
+  for (int64_t c = o.drop; c < o.classes; ++c) {
+    const acc_t grad_f = up.sums[c * DICE_NUM_SUMS + DICE_SUM_F];
+    if (up.focal_map != nullptr) {
+      const acc_t* element = up.focal_map + (c - o.drop) * up.focal_map_row;
+      MEDLOSS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        upstream[j] = grad_f * element[j];
+      }
+    } else {
+      std::fill(upstream, upstream + n, grad_f);
+    }
+    if constexpr (kFocal == FOCAL_SOFTMAX) {
+      softmax_focal_row_any</*kGrad=*/true, kLabels>(o, rows, c, n, s, upstream, no_row);
+    } else {
+      sigmoid_focal_row</*kGrad=*/true, kAlpha, kLabels>(o, rows, c, n, s, upstream, out + c * out_row);
+    }
+  }
+  if constexpr (kFocal == FOCAL_SOFTMAX) {
+    // log_softmax's backward over the kept classes: g_c - p_c sum_k g_k.
+    const acc_t* dot = s.focal_dot.data();
+    for (int64_t c = o.drop; c < o.classes; ++c) {
+      const acc_t* pc = s.focal_e.data() + c * o.tile;
+      const acc_t* gc = s.focal_g.data() + c * o.tile;
+      acc_t* oc = out + c * out_row;
+      MEDLOSS_SIMD
+      for (int64_t j = 0; j < n; ++j) {
+        oc[j] += gc[j] - pc[j] * dot[j];
       }
     }
   }
@@ -580,6 +861,37 @@ MEDLOSS_TILE_TARGET void backward_tile(const Options<acc_t>& o, const Upstream<a
   backward_tile_body<acc_t, kActivation, kSquared, kLabels>(o, up, rows, n, s, out, out_row);
 }
 
+template <int64_t kFocal, int64_t kAlpha, bool kLabels, typename acc_t>
+MEDLOSS_TILE_TARGET void focal_forward(const Options<acc_t>& o, const Rows<acc_t>& rows, int64_t n, Scratch<acc_t>& s,
+                                       acc_t* map, int64_t map_row) {
+  focal_forward_body<kFocal, kAlpha, kLabels>(o, rows, n, s, map, map_row);
+}
+
+template <int64_t kFocal, int64_t kAlpha, bool kLabels, typename acc_t>
+MEDLOSS_TILE_TARGET void focal_backward(const Options<acc_t>& o, const Upstream<acc_t>& up, const Rows<acc_t>& rows,
+                                        int64_t n, Scratch<acc_t>& s, acc_t* out, int64_t out_row) {
+  focal_backward_body<kFocal, kAlpha, kLabels>(o, up, rows, n, s, out, out_row);
+}
+
+// The sigmoid form for each alpha mode; the softmax form's alpha is a constant per class row, so one function
+// serves every mode.
+template <typename acc_t, bool kLabels>
+void add_focal_tiles(TileKernels<acc_t>& k) {
+  constexpr int64_t kSigmoid = FOCAL_SIGMOID - 1, kSoftmax = FOCAL_SOFTMAX - 1;
+  k.focal_forward[kSigmoid][ALPHA_NONE][kLabels] = &focal_forward<FOCAL_SIGMOID, ALPHA_NONE, kLabels, acc_t>;
+  k.focal_forward[kSigmoid][ALPHA_SCALAR][kLabels] = &focal_forward<FOCAL_SIGMOID, ALPHA_SCALAR, kLabels, acc_t>;
+  k.focal_forward[kSigmoid][ALPHA_PER_CLASS][kLabels] =
+      &focal_forward<FOCAL_SIGMOID, ALPHA_PER_CLASS, kLabels, acc_t>;
+  k.focal_backward[kSigmoid][ALPHA_NONE][kLabels] = &focal_backward<FOCAL_SIGMOID, ALPHA_NONE, kLabels, acc_t>;
+  k.focal_backward[kSigmoid][ALPHA_SCALAR][kLabels] = &focal_backward<FOCAL_SIGMOID, ALPHA_SCALAR, kLabels, acc_t>;
+  k.focal_backward[kSigmoid][ALPHA_PER_CLASS][kLabels] =
+      &focal_backward<FOCAL_SIGMOID, ALPHA_PER_CLASS, kLabels, acc_t>;
+  for (int64_t alpha = 0; alpha < 3; ++alpha) {
+    k.focal_forward[kSoftmax][alpha][kLabels] = &focal_forward<FOCAL_SOFTMAX, ALPHA_NONE, kLabels, acc_t>;
+    k.focal_backward[kSoftmax][alpha][kLabels] = &focal_backward<FOCAL_SOFTMAX, ALPHA_NONE, kLabels, acc_t>;
+  }
+}
+
 template <typename acc_t, int64_t kActivation, bool kSquared>
 void add_tiles(TileKernels<acc_t>& k) {
   k.forward[kActivation][kSquared][0] = &forward_tile<acc_t, kActivation, kSquared, false>;
@@ -591,12 +903,14 @@ void add_tiles(TileKernels<acc_t>& k) {
 template <typename acc_t>
 TileKernels<acc_t> make_tile_kernels() {
   TileKernels<acc_t> k{};
-  add_tiles<acc_t, kActivationNone, false>(k);
-  add_tiles<acc_t, kActivationNone, true>(k);
-  add_tiles<acc_t, kActivationSoftmax, false>(k);
-  add_tiles<acc_t, kActivationSoftmax, true>(k);
-  add_tiles<acc_t, kActivationSigmoid, false>(k);
-  add_tiles<acc_t, kActivationSigmoid, true>(k);
+  add_tiles<acc_t, ACTIVATION_NONE, false>(k);
+  add_tiles<acc_t, ACTIVATION_NONE, true>(k);
+  add_tiles<acc_t, ACTIVATION_SOFTMAX, false>(k);
+  add_tiles<acc_t, ACTIVATION_SOFTMAX, true>(k);
+  add_tiles<acc_t, ACTIVATION_SIGMOID, false>(k);
+  add_tiles<acc_t, ACTIVATION_SIGMOID, true>(k);
+  add_focal_tiles<acc_t, false>(k);
+  add_focal_tiles<acc_t, true>(k);
   k.gather = {&gather<float, acc_t>, &gather<double, acc_t>, &gather<c10::Half, acc_t>, &gather<c10::BFloat16, acc_t>};
   if constexpr (std::is_same_v<acc_t, double>) {
     k.scatter = {&scatter<double, double>};

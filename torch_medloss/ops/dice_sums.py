@@ -6,7 +6,7 @@ torch_medloss._contract:
 - ``dice_loss_fwd`` / ``dice_loss_bwd``: the whole loss (the sums and the head) in one op, the path of every
   Dice-family loss: returns (loss, coefficients); the backward reads the coefficients and the loss's upstream
   gradient. On CUDA tensors with Triton this is three kernel launches for forward and backward together.
-- ``dice_sums_fwd`` / ``dice_sums_bwd``: the per-class sums (B, C, 4) and extras (B, 3) only, for the one call
+- ``dice_sums_fwd`` / ``dice_sums_bwd``: the per-class sums (B, C, 5) and extras (B, 4) only, for the one call
   that must stop between the sums and the head: batch Dice under DDP, whose sums are summed over the ranks first.
 
 Each has a C++ schema (csrc/dice_sums.cpp: CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda; backends "cpp" and
@@ -57,21 +57,7 @@ def dice_sums(backend: str, logits: Tensor, target: Tensor, params: Tensor, code
         return _reference.dice_sums_fwd(logits, target, params, codes, scalars)
     if backend == "triton":
         return _triton_ops().dice_sums_fwd_triton(logits, target, params, codes, scalars)
-    if _legacy_schema():  # TEMPORARY until csrc/dice_sums.cpp takes the packed lists (no focal term there)
-        if codes[K.DICE_CODE_FOCAL]:
-            return _reference.dice_sums_fwd(logits, target, params, codes, scalars)
-        sums, extras = torch.ops.torch_medloss.dice_sums_fwd(
-            logits, target, params[K.DICE_PARAM_GAMMA], params[K.DICE_PARAM_CE_WEIGHT],
-            codes[K.DICE_CODE_ACTIVATION], bool(codes[K.DICE_CODE_TARGET_IS_LABELS]), codes[K.DICE_CODE_IGNORE_INDEX],
-            codes[K.DICE_CODE_MASK_MODE], bool(codes[K.DICE_CODE_SQUARED]), bool(codes[K.DICE_CODE_WITH_CE]),
-            scalars[K.DICE_SCALAR_LABEL_SMOOTHING])
-        return (torch.cat([sums, torch.zeros_like(sums[..., :1])], -1),
-                torch.cat([extras, torch.zeros_like(extras[:, :1])], -1))
     return torch.ops.torch_medloss.dice_sums_fwd(logits, target, params, codes, scalars)
-
-
-def _legacy_schema() -> bool:
-    return len(torch.ops.torch_medloss.dice_sums_fwd.default._schema.arguments) == 11
 
 
 # ------------------------------------------------------------------------------------------- fake kernels (shapes)
@@ -151,14 +137,10 @@ def _register_compiled_ops() -> None:
     global _compiled_loss
     if not torch._C._dispatch_has_kernel("torch_medloss::dice_sums_fwd"):
         return
-    if _legacy_schema():  # TEMPORARY
-        _autograd.register("torch_medloss::dice_sums_fwd", "torch_medloss::dice_sums_bwd",
-                           torch.ops.torch_medloss.dice_sums_bwd, _WHAT, num_tensors=4)
-    else:
-        torch.library.register_fake("torch_medloss::dice_sums_fwd", dice_sums_fwd_fake)
-        torch.library.register_fake("torch_medloss::dice_sums_bwd", dice_sums_bwd_fake)
-        _autograd.register("torch_medloss::dice_sums_fwd", "torch_medloss::dice_sums_bwd",
-                           torch.ops.torch_medloss.dice_sums_bwd, _WHAT, num_tensors=3)
+    torch.library.register_fake("torch_medloss::dice_sums_fwd", dice_sums_fwd_fake)
+    torch.library.register_fake("torch_medloss::dice_sums_bwd", dice_sums_bwd_fake)
+    _autograd.register("torch_medloss::dice_sums_fwd", "torch_medloss::dice_sums_bwd",
+                       torch.ops.torch_medloss.dice_sums_bwd, _WHAT, num_tensors=3)
     _compiled_loss = torch._C._dispatch_has_kernel("torch_medloss::dice_loss_fwd")
     if _compiled_loss:
         torch.library.register_fake("torch_medloss::dice_loss_fwd", dice_loss_fwd_fake)
