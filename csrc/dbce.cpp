@@ -16,6 +16,18 @@
 // dbce_ce_bwd(grad_sums, grad_map, logits, labels, masks, class_weights, ignore_index, write_map) -> grad_logits
 //   grad_logits (B, C, S) in logits' dtype and layout: w_i (grad_sums[b, 0] + grad_map[b, i]) (softmax - onehot).
 //
+// dbce_loss_fwd(logits, labels, codes, scalars) -> (loss, masks, class_weights, norm)
+//   The whole loss in one op (reference.dbce_ops.dbce_loss_fwd): logits (B, C, S) as above, labels (B, D, H, W) with
+//   D H W = S; codes: DBCE_NUM_CODES ints (DBCE_CODE_*: element, batch, reduction, ignore_index); scalars: the
+//   radius and the spacing along D, H, W (DBCE_SCALAR_*). loss: () for mean and sum, the (B, S) map w*CE for "none";
+//   NaN (all of it) where a label is neither a class nor ignore_index. masks (B, S) in the mask dtype, class_weights
+//   (B, C) (w_c = N / (K A_c) of each unit, in float64 rounded once; the batch's for every image with batch) and
+//   norm (1,) = d loss / d sum w CE are in the accumulation dtype but the masks, for the backward.
+//
+// dbce_loss_bwd(grad_loss, masks, class_weights, norm, logits, labels, codes, scalars) -> grad_logits
+//   The gradient of <grad_loss, loss> in logits' dtype and layout: dbce_ce_bwd with grad_sums[b, 0] = grad_loss
+//   norm (mean, sum) or grad_map = grad_loss ("none").
+//
 // All reductions are deterministic (fixed-order partial sums, no float atomics).
 
 #include <torch/library.h>
@@ -32,4 +44,10 @@ TORCH_LIBRARY_FRAGMENT(torch_medloss, m) {
   m.def(
       "dbce_ce_bwd(Tensor grad_sums, Tensor grad_map, Tensor logits, Tensor labels, Tensor masks, "
       "Tensor class_weights, int ignore_index, bool write_map) -> Tensor");
+  m.def(
+      "dbce_loss_fwd(Tensor logits, Tensor labels, int[] codes, float[] scalars) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dbce_loss_bwd(Tensor grad_loss, Tensor masks, Tensor class_weights, Tensor norm, Tensor logits, Tensor labels, "
+      "int[] codes, float[] scalars) -> Tensor");
 }

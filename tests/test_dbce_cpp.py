@@ -34,7 +34,7 @@ CPU_CHUNK = 8192  # the kernel's pixels per task: longer images are summed from 
 @pytest.fixture(scope="module")
 def ops():
     """The three ops, built (or loaded from the cache) once for the module; autograd registered with them."""
-    import torch_medloss.dbce_ops  # noqa: F401  (registers the fake kernels and autograd once loaded)
+    import torch_medloss.ops.dbce  # noqa: F401  (registers the fake kernels and autograd once loaded)
 
     reason = _extension.why_not_loaded(cuda=False)
     if reason is not None and os.environ.get("TORCH_MEDLOSS_NO_BUILD", "0") not in ("", "0"):

@@ -1,5 +1,10 @@
-// CPU kernels of torch_medloss::dbce_masks, dbce_ce_fwd and dbce_ce_bwd (schema and contract in csrc/dbce.cpp; the
-// ground truth is torch_medloss/reference/dbce_ops.py).
+// CPU kernels of torch_medloss::dbce_masks, dbce_ce_fwd and dbce_ce_bwd, and of the loss op dbce_loss_fwd / _bwd
+// (schema and contract in csrc/dbce.cpp; the ground truth is torch_medloss/reference/dbce_ops.py).
+//
+// dbce_loss_fwd composes the pieces below without leaving C++: the masks pass (with each image's counts, areas and
+// bad labels), the class weights of each unit on the host (O(B C), in double, rounded once, as the reference's
+// class_weights_from_sums with float64), the cross-entropy pass, and the reduction from the per-image sums added in
+// image order. Its backward is the cross entropy's, with the upstream per pixel ("none") or per image.
 //
 // dbce_masks: each element (ball or cube, any spacing) is a down-set: offset o is in it iff |o_W| <= T[|o_D|][|o_H|]
 // (make_params; for the ball T[a][b] is the largest c with ((a s_D)^2 + (b s_H)^2) + (c s_W)^2 <= R^2 (1 + 1e-9), the
@@ -35,6 +40,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../contract.h"
 #include "cpu_isa.h"
 #include "dbce_ce_tasks.h"
 #include "vec_math.h"
@@ -53,8 +59,9 @@ namespace {
 
 using namespace dbce_cpu;  // the cross entropy tasks' interface (dbce_ce_tasks.h)
 
-constexpr int64_t kElementBall = 0, kElementCube = 1;
-constexpr int64_t kMaxClasses = 64;  // one bit per class in an int64 mask
+using contract::ELEMENT_BALL;
+using contract::ELEMENT_CUBE;
+using contract::MAX_MASK_CLASSES;  // one bit per class in an int64 mask
 // The reference's relative tolerance on the element's boundary (torch_medloss/reference/dbce.py).
 constexpr double kBoundaryTolerance = 1e-9;
 // Masks: at least this many pixels of slices per task (a constant; the results are exact integers anyway).
@@ -110,7 +117,7 @@ MaskParams make_params(const at::Tensor& labels, int64_t classes, int64_t ignore
     // The reference's extent floor(R / s (1 + 1e-9)), clamped to the image before the conversion to an integer.
     const double extent = std::floor(radius / spacing[k] * (1 + kBoundaryTolerance));
     int64_t reach = static_cast<int64_t>(std::min(extent, static_cast<double>(std::max<int64_t>(dim - 1, 0))));
-    if (element == kElementCube) {
+    if (element == ELEMENT_CUBE) {
       // The reference also tests |o s| <= R (1 + 1e-9) itself; keep the offsets that pass it.
       while (reach > 0 && !(static_cast<double>(reach) * spacing[k] <= widened)) {
         --reach;
@@ -125,7 +132,7 @@ MaskParams make_params(const at::Tensor& labels, int64_t classes, int64_t ignore
     p.reach[k] = reach;
   }
   p.reach_w.assign((p.reach[0] + 1) * (p.reach[1] + 1), p.reach[2]);
-  if (element == kElementBall) {
+  if (element == ELEMENT_BALL) {
     for (int64_t a = 0; a <= p.reach[0]; ++a) {
       for (int64_t b = 0; b <= p.reach[1]; ++b) {
         const double partial = square[0][a] + square[1][b];
@@ -400,17 +407,15 @@ void dispatch_mask_type(at::ScalarType dtype, const Body& body) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cpu(const at::Tensor& labels,
-                                                                          int64_t num_classes, int64_t ignore_index,
-                                                                          int64_t element, double radius,
-                                                                          at::ArrayRef<double> spacing) {
-  constexpr const char* op = "torch_medloss::dbce_masks";
+// The masks' arguments (dbce_masks, and the dbce_loss ops through their codes and scalars).
+void check_masks_inputs(const char* op, const at::Tensor& labels, int64_t num_classes, int64_t element,
+                        double radius, at::ArrayRef<double> spacing) {
   TORCH_CHECK(labels.dim() == 4, op, ": labels must be 4-D (B, D, H, W), got shape ", labels.sizes());
   TORCH_CHECK(is_label_dtype(labels.scalar_type()), op, ": labels must be uint8, int8, int16, int32 or int64, got ",
               labels.scalar_type());
-  TORCH_CHECK(num_classes >= 1 && num_classes <= kMaxClasses, op, ": num_classes must be in [1, ", kMaxClasses,
-              "] (one bit per class in the mask), got ", num_classes);
-  TORCH_CHECK(element == kElementBall || element == kElementCube, op,
+  TORCH_CHECK(num_classes >= 1 && num_classes <= MAX_MASK_CLASSES, op, ": num_classes must be in [1, ",
+              MAX_MASK_CLASSES, "] (one bit per class in the mask), got ", num_classes);
+  TORCH_CHECK(element == ELEMENT_BALL || element == ELEMENT_CUBE, op,
               ": element must be 0 (ball) or 1 (cube), got ", element);
   TORCH_CHECK(std::isfinite(radius) && radius >= 0, op, ": radius must be finite and >= 0, got ", radius);
   TORCH_CHECK(spacing.size() == 3, op, ": spacing must hold 3 voxel sizes (D, H, W), got ", spacing.size(),
@@ -420,7 +425,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cpu(const 
   }
   TORCH_CHECK(labels.size(2) * labels.size(3) <= INT32_MAX, op,
               ": labels must have at most 2**31 - 1 pixels per slice (H * W), got shape ", labels.sizes());
+}
 
+// Fills masks (the labels' pixels, contiguous, mask_dtype(C)) and adds |M_c|, |D_c| (B, C) and the invalid labels
+// (B,) of each image to counts_out, areas_out and invalid_out.
+void run_masks(const at::Tensor& labels, int64_t num_classes, int64_t ignore_index, int64_t element, double radius,
+               at::ArrayRef<double> spacing, at::Tensor& masks, int64_t* counts_out, int64_t* areas_out,
+               int64_t* invalid_out) {
+  const MaskParams p = make_params(labels, num_classes, ignore_index, element, radius, spacing.vec());
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "dbce_masks_cpu", [&] {
+    using label_t = scalar_t;
+    dispatch_mask_type(masks.scalar_type(), [&](auto mask) {
+      masks_impl<label_t, decltype(mask)>(p, labels, masks, counts_out, areas_out, invalid_out);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cpu(const at::Tensor& labels,
+                                                                          int64_t num_classes, int64_t ignore_index,
+                                                                          int64_t element, double radius,
+                                                                          at::ArrayRef<double> spacing) {
+  constexpr const char* op = "torch_medloss::dbce_masks";
+  check_masks_inputs(op, labels, num_classes, element, radius, spacing);
   const int64_t batch = labels.size(0);
   const int64_t C = num_classes;
   const at::TensorOptions longs = labels.options().dtype(at::kLong);
@@ -432,16 +458,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_masks_cpu(const 
   if (batch == 0 || pixels == 0) {
     return {masks, counts, areas, invalid};
   }
-  const MaskParams p = make_params(labels, C, ignore_index, element, radius, spacing.vec());
-  int64_t* counts_out = counts.mutable_data_ptr<int64_t>();
-  int64_t* areas_out = areas.mutable_data_ptr<int64_t>();
-  int64_t* invalid_out = invalid.mutable_data_ptr<int64_t>();
-  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "dbce_masks_cpu", [&] {
-    using label_t = scalar_t;
-    dispatch_mask_type(masks.scalar_type(), [&](auto mask) {
-      masks_impl<label_t, decltype(mask)>(p, labels, masks, counts_out, areas_out, invalid_out);
-    });
-  });
+  run_masks(labels, C, ignore_index, element, radius, spacing, masks, counts.mutable_data_ptr<int64_t>(),
+            areas.mutable_data_ptr<int64_t>(), invalid.mutable_data_ptr<int64_t>());
   return {masks, counts, areas, invalid};
 }
 
@@ -577,7 +595,7 @@ void check_ce_inputs(const char* op, const at::Tensor& logits, const at::Tensor&
   TORCH_CHECK(is_float_dtype(logits.scalar_type()), op,
               ": logits must be float32, float64, bfloat16 or float16, got ", logits.scalar_type());
   const int64_t batch = logits.size(0), classes = logits.size(1), pixels = logits.size(2);
-  TORCH_CHECK(classes >= 1 && classes <= kMaxClasses, op, ": logits must have between 1 and ", kMaxClasses,
+  TORCH_CHECK(classes >= 1 && classes <= MAX_MASK_CLASSES, op, ": logits must have between 1 and ", MAX_MASK_CLASSES,
               " classes (one mask bit per class), got shape ", logits.sizes());
   TORCH_CHECK(labels.dim() == 2 && labels.size(0) == batch && labels.size(1) == pixels, op,
               ": labels must have shape (B, S) = [", batch, ", ", pixels, "], got ", labels.sizes());
@@ -665,12 +683,211 @@ at::Tensor dbce_ce_bwd_cpu(const at::Tensor& grad_sums, const at::Tensor& grad_m
   return grad;
 }
 
+
+// ================================================================================================ the loss op
+
+// The class weights of one unit (reference.dbce.class_weights_from_sums with dtype float64): w_c = N / (K A_c) for
+// the present classes (|M_c| > 0), 0 for the others, N = sum_c |M_c|, K the number of present classes; in double,
+// rounded once to acc_t.
+template <typename acc_t>
+void unit_class_weights(const int64_t* counts, const int64_t* areas, int64_t classes, acc_t* weights) {
+  int64_t valid = 0, present = 0;
+  for (int64_t c = 0; c < classes; ++c) {
+    valid += counts[c];
+    present += counts[c] > 0 ? 1 : 0;
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    const double ratio = static_cast<double>(valid) / (static_cast<double>(present) * static_cast<double>(areas[c]));
+    weights[c] = counts[c] > 0 ? static_cast<acc_t>(ratio) : acc_t(0);
+  }
+}
+
+// The dbce_loss ops' arguments.
+struct LossCodes {
+  int64_t element, reduction, ignore_index;
+  bool batch;
+  double radius;
+  std::vector<double> spacing;
+};
+
+LossCodes check_loss_inputs(const char* op, const at::Tensor& logits, const at::Tensor& labels, at::IntArrayRef codes,
+                            at::ArrayRef<double> scalars) {
+  using namespace contract;
+  TORCH_CHECK(static_cast<int64_t>(codes.size()) == DBCE_NUM_CODES, op, ": codes must have ", DBCE_NUM_CODES,
+              " entries (the DBCE_CODE_* positions of torch_medloss._contract), got ", codes.size());
+  TORCH_CHECK(static_cast<int64_t>(scalars.size()) == DBCE_NUM_SCALARS, op, ": scalars must have ", DBCE_NUM_SCALARS,
+              " entries (the radius and the spacing along D, H, W), got ", scalars.size());
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (B, C, S), got shape ", logits.sizes());
+  TORCH_CHECK(is_float_dtype(logits.scalar_type()), op,
+              ": logits must be float32, float64, bfloat16 or float16, got ", logits.scalar_type());
+  TORCH_CHECK(labels.dim() == 4 && labels.size(0) == logits.size(0) &&
+                  labels.size(1) * labels.size(2) * labels.size(3) == logits.size(2),
+              op, ": labels must be (B, D, H, W) with B = ", logits.size(0), " and D H W = S = ", logits.size(2),
+              " for logits of shape ", logits.sizes(), ", got ", labels.sizes());
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels must be on the logits' device (", logits.device(),
+              "), got ", labels.device());
+  LossCodes k;
+  k.element = codes[DBCE_CODE_ELEMENT];
+  k.batch = codes[DBCE_CODE_BATCH] != 0;
+  k.reduction = codes[DBCE_CODE_REDUCTION];
+  k.ignore_index = codes[DBCE_CODE_IGNORE_INDEX];
+  k.radius = scalars[DBCE_SCALAR_RADIUS];
+  k.spacing.assign(scalars.begin() + DBCE_SCALAR_SPACING, scalars.begin() + DBCE_SCALAR_SPACING + 3);
+  TORCH_CHECK(k.reduction >= REDUCTION_MEAN && k.reduction <= REDUCTION_NONE, op,
+              ": codes[DBCE_CODE_REDUCTION] must be 0 (mean), 1 (sum) or 2 (none), got ", k.reduction);
+  check_masks_inputs(op, labels, logits.size(1), k.element, k.radius, k.spacing);
+  return k;
+}
+
+std::vector<int64_t> dbce_loss_shape(const LossCodes& k, int64_t batch, int64_t pixels) {
+  return k.reduction == contract::REDUCTION_NONE ? std::vector<int64_t>{batch, pixels} : std::vector<int64_t>{};
+}
+
+// dbce_loss_fwd: the masks, the class weights of each unit, the weighted cross entropy and the reduction in one op
+// (reference.dbce_ops.dbce_loss_fwd). Returns (loss, masks (B, S), class_weights (B, C), norm (1,)), the last three
+// in the accumulation dtype but the masks; norm = d loss / d sum w CE (1 / max(sum w, float32's smallest normal)
+// for the mean, 1 otherwise). A bad label makes the loss NaN (all of the map for "none"), not the gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dbce_loss_fwd_cpu(const at::Tensor& logits,
+                                                                             const at::Tensor& labels,
+                                                                             at::IntArrayRef codes,
+                                                                             at::ArrayRef<double> scalars) {
+  constexpr const char* op = "torch_medloss::dbce_loss_fwd";
+  const LossCodes k = check_loss_inputs(op, logits, labels, codes, scalars);
+  const int64_t batch = logits.size(0), classes = logits.size(1), pixels = logits.size(2);
+  const at::TensorOptions acc = logits.options().dtype(accumulator(logits));
+  at::Tensor loss = at::zeros(dbce_loss_shape(k, batch, pixels), acc);
+  at::Tensor masks = at::empty({batch, pixels}, labels.options().dtype(mask_dtype(classes)));
+  at::Tensor class_weights = at::zeros({batch, classes}, acc);
+  at::Tensor norm = at::zeros({1}, acc);
+  if (batch == 0 || pixels == 0) {
+    return {loss, masks, class_weights, norm};  // nothing is valid: the mean is 0 (the clamped normalizer), the sum 0
+  }
+  // 1. masks, and the counts, areas and bad labels of every image (integers: exact in any order).
+  std::vector<int64_t> counts(batch * classes, 0), areas(batch * classes, 0), invalid(batch, 0);
+  run_masks(labels, classes, k.ignore_index, k.element, k.radius, k.spacing, masks, counts.data(), areas.data(),
+            invalid.data());
+  int64_t bad = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    bad += invalid[b];
+  }
+  const bool none = k.reduction == contract::REDUCTION_NONE;
+  at::Tensor sums = at::zeros({batch, 2}, acc);
+  // The cross entropy reads the labels as (B, S): a view unless the spatial dims cannot merge (then one copy).
+  const at::Tensor flat_labels = labels.reshape({batch, pixels});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dbce_loss_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // 2. the class weights of each unit: the image, or the batch (its summed counts and areas, for every image).
+    acc_t* weights = class_weights.mutable_data_ptr<acc_t>();
+    if (k.batch) {
+      std::vector<int64_t> unit_counts(classes, 0), unit_areas(classes, 0);
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t c = 0; c < classes; ++c) {
+          unit_counts[c] += counts[b * classes + c];
+          unit_areas[c] += areas[b * classes + c];
+        }
+      }
+      unit_class_weights(unit_counts.data(), unit_areas.data(), classes, weights);
+      for (int64_t b = 1; b < batch; ++b) {
+        std::copy(weights, weights + classes, weights + b * classes);
+      }
+    } else {
+      for (int64_t b = 0; b < batch; ++b) {
+        unit_class_weights(counts.data() + b * classes, areas.data() + b * classes, classes, weights + b * classes);
+      }
+    }
+    // 3. the weighted cross entropy, its map written into the loss for "none".
+    const auto in = make_inputs<scalar_t, acc_t>(logits, flat_labels, masks, class_weights, k.ignore_index);
+    ce_forward_impl<scalar_t, acc_t>(in, batch, sums, loss, none);
+    // 4. the reduction, images added in order; the poison is a constant (no gradient).
+    const acc_t poison = bad > 0 ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+    const acc_t* image_sums = sums.const_data_ptr<acc_t>();
+    acc_t total = 0, normalizer = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      total += image_sums[b * 2 + 0];
+      normalizer += image_sums[b * 2 + 1];
+    }
+    acc_t* out = loss.mutable_data_ptr<acc_t>();
+    acc_t* d_total = norm.mutable_data_ptr<acc_t>();
+    if (none) {
+      if (bad > 0) {
+        std::fill(out, out + batch * pixels, poison);
+      }
+      *d_total = acc_t(1);
+    } else if (k.reduction == contract::REDUCTION_MEAN) {
+      // reference.dbce.reduce_weighted: sum w CE / sum w, the normalizer clamped to float32's smallest normal.
+      const acc_t clamped = std::max(normalizer, static_cast<acc_t>(std::numeric_limits<float>::min()));
+      *out = total / clamped + poison;
+      *d_total = acc_t(1) / clamped;
+    } else {
+      *out = total + poison;
+      *d_total = acc_t(1);
+    }
+  });
+  return {loss, masks, class_weights, norm};
+}
+
+// dbce_loss_bwd: the cross entropy's backward with the forward's masks and class weights, its upstream per pixel
+// (the map's gradient for "none") or per image (the scalar loss's gradient times norm).
+at::Tensor dbce_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& masks, const at::Tensor& class_weights,
+                             const at::Tensor& norm, const at::Tensor& logits, const at::Tensor& labels,
+                             at::IntArrayRef codes, at::ArrayRef<double> scalars) {
+  constexpr const char* op = "torch_medloss::dbce_loss_bwd";
+  const LossCodes k = check_loss_inputs(op, logits, labels, codes, scalars);
+  const int64_t batch = logits.size(0), classes = logits.size(1), pixels = logits.size(2);
+  const std::vector<int64_t> shape = dbce_loss_shape(k, batch, pixels);
+  TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(shape), op, ": grad_loss must have the loss's shape ",
+              at::IntArrayRef(shape), ", got ", grad_loss.sizes());
+  TORCH_CHECK(is_float_dtype(grad_loss.scalar_type()), op,
+              ": grad_loss must be float32, float64, bfloat16 or float16, got ", grad_loss.scalar_type());
+  TORCH_CHECK(masks.dim() == 2 && masks.size(0) == batch && masks.size(1) == pixels &&
+                  masks.scalar_type() == mask_dtype(classes),
+              op, ": masks must be the forward's (B, S) = [", batch, ", ", pixels, "] ", mask_dtype(classes),
+              " masks, got ", masks.scalar_type(), " of shape ", masks.sizes());
+  TORCH_CHECK(class_weights.dim() == 2 && class_weights.size(0) == batch && class_weights.size(1) == classes &&
+                  is_float_dtype(class_weights.scalar_type()),
+              op, ": class_weights must be a float tensor of shape (B, C) = [", batch, ", ", classes, "], got ",
+              class_weights.scalar_type(), " of shape ", class_weights.sizes());
+  TORCH_CHECK(norm.numel() == 1 && is_float_dtype(norm.scalar_type()), op,
+              ": norm must be a float tensor of one element (d loss / d sum w CE), got ", norm.scalar_type(),
+              " of shape ", norm.sizes());
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"grad_loss", &grad_loss},
+                                     {"masks", &masks}, {"class_weights", &class_weights}, {"norm", &norm}}) {
+    TORCH_CHECK(tensor->device() == logits.device(), op, ": ", name, " must be on the logits' device (",
+                logits.device(), "), got ", tensor->device());
+  }
+  // Same strides as the logits for a dense, non-overlapping layout (channels_last stays channels_last).
+  at::Tensor grad = at::empty_like(logits);
+  if (logits.numel() == 0) {
+    return grad;
+  }
+  const at::ScalarType acc = accumulator(logits);
+  const bool none = k.reduction == contract::REDUCTION_NONE;
+  const at::Tensor weights = class_weights.to(acc).contiguous();
+  const at::Tensor up = grad_loss.to(acc).contiguous();
+  const at::Tensor d_total = norm.to(acc);
+  const at::Tensor flat_labels = labels.reshape({batch, pixels});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dbce_loss_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // The upstream of sum w CE of each image: the scalar loss's, times d loss / d sum w CE; 0 for the map.
+    const acc_t per_image = none ? acc_t(0) : up.const_data_ptr<acc_t>()[0] * d_total.const_data_ptr<acc_t>()[0];
+    std::vector<acc_t> up_sums(batch * 2, acc_t(0));
+    for (int64_t b = 0; b < batch; ++b) {
+      up_sums[b * 2] = per_image;
+    }
+    const auto in = make_inputs<scalar_t, acc_t>(logits, flat_labels, masks, weights, k.ignore_index);
+    ce_backward_impl<scalar_t, acc_t>(in, batch, up_sums.data(), none ? up.const_data_ptr<acc_t>() : nullptr, grad);
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_medloss, CPU, m) {
   m.impl("dbce_masks", &dbce_masks_cpu);
   m.impl("dbce_ce_fwd", &dbce_ce_fwd_cpu);
   m.impl("dbce_ce_bwd", &dbce_ce_bwd_cpu);
+  m.impl("dbce_loss_fwd", &dbce_loss_fwd_cpu);
+  m.impl("dbce_loss_bwd", &dbce_loss_bwd_cpu);
 }
 
 }  // namespace torch_medloss
