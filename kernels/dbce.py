@@ -475,6 +475,9 @@ def _dbce_ce_fwd_kernel(
     partial_row = partial_ptr + image * stride_partial_b + program * stride_partial_p
     tl.store(partial_row, tl.sum(acc_loss, axis=0))
     tl.store(partial_row + 1, tl.sum(acc_weight, axis=0))
+    if FINALIZE and WRITE_MAP:
+        # "none": the map is the loss; norm (an output of the op) is 1, written once
+        tl.store(norm_ptr + tl.arange(0, 1), tl.full([1], 1.0, tl.float32), mask=(image + program) == 0)
     if FINALIZE and not WRITE_MAP:
         # The last program reduces the rows (the pattern of the masks' class weights: barrier, acq_rel ticket,
         # .cg reads in a fixed order).

@@ -234,6 +234,11 @@ def _focal(x, y, w, kept, classes, alpha, focal_weight, gamma, alpha_scalar, DRO
     y_w = y * w[None, :]
     scale = focal_weight[:, None] * w[None, :]
     if FOCAL == _FOCAL_SIGMOID:
+        # Infinite logits clamped to +-1e30, as the reference: each term is then its limit (0 for x = -inf, y = 0,
+        # where x - x y would be NaN), with the clamp's zero gradient outside. Compares, not min/max: a NaN logit
+        # must stay NaN (PTX max.f32 would return the other operand).
+        inside = (x_w >= -1e30) & (x_w <= 1e30)
+        x_w = tl.where(x_w < -1e30, -1e30, tl.where(x_w > 1e30, 1e30, x_w))
         if ALPHA == _ALPHA_SCALAR:
             factor = y_w * alpha_scalar + (1.0 - y_w) * (1.0 - alpha_scalar)
         elif ALPHA == _ALPHA_PER_CLASS:
@@ -247,7 +252,7 @@ def _focal(x, y, w, kept, classes, alpha, focal_weight, gamma, alpha_scalar, DRO
         if GRAD:
             d_term = a * (-gamma * s * tl.exp(_log_sigmoid(x_w * s)) * bce + tl.sigmoid(x_w) - y_w)
             # d/dx of t(x w) w: the chain rule's w and the mask's w
-            return term, tl.where(kept[:, None], d_term * factor * scale * w[None, :], 0.0), x_w
+            return term, tl.where(kept[:, None] & inside, d_term * factor * scale * w[None, :], 0.0), x_w
         return term, term, x_w
     else:
         if ALPHA == _ALPHA_SCALAR:
@@ -722,6 +727,9 @@ def _dice_finalize_kernel(
                 tl.store(coef_row + _ROW_P * stride_coef_k, zero, mask=class_ok)
                 tl.store(coef_row + _ROW_D * stride_coef_k, zero, mask=class_ok)
             tl.store(coef_row + 2 * stride_coef_k, tl.zeros([BLOCK_C], dtype=tl.float32), mask=class_ok)
+            # column C (the scalar slots of image 0, 0 elsewhere): every element of an op's output is defined
+            column = coef_ptr + image * stride_coef_b + num_classes + tl.arange(0, 8) * stride_coef_k
+            tl.store(column, tl.zeros([8], dtype=tl.float32), mask=tl.arange(0, 8) < 5)
             image += 1
         if HEAD != _HEAD_NONE and BATCH:
             # batch Dice: the sums over the images, one head, the same coefficients for every image.
@@ -886,14 +894,13 @@ def _dice_bwd_kernel(
     grad_p = tl.load(coef_row + _ROW_P * stride_coef_k, mask=class_ok, other=0.0).to(tl.float32)
     grad_d = tl.load(coef_row + _ROW_D * stride_coef_k, mask=class_ok, other=0.0).to(tl.float32)
     grad_f = tl.load(coef_row + _ROW_F * stride_coef_k, mask=kept, other=0.0).to(tl.float32)
-    if SCALED:
+    if SCALED and not FOCAL_MAP:
         upstream = tl.load(grad_loss_ptr + image * stride_grad_loss_b + (classes - DROP) * stride_grad_loss_c,
                            mask=kept, other=0.0).to(tl.float32)
         grad_i = grad_i * upstream
         grad_p = grad_p * upstream
         grad_d = grad_d * upstream
-        if not FOCAL_MAP:
-            grad_f = grad_f * upstream
+        grad_f = grad_f * upstream
     if SQUARED:
         grad_p = 2.0 * grad_p  # d(p'^2)/dp' = 2 p'
     if WITH_CE:
@@ -922,24 +929,27 @@ def _dice_bwd_kernel(
         )  # fmt: skip
 
         # 1. the Dice part, dL/dp = w m (gI y' + gP k p'^(k-1) + gD sign(p' - y')): m is a constant (detached in the
-        #    reference), and sign(0) = 0, as torch.abs's gradient.
-        p_w = p * w[None, :]
-        y_w = y * w[None, :]
-        diff, m = _modulator(p_w, y_w, gamma, gamma_case, BLOCK_C, BLOCK_S)
-        sign = tl.where(diff > 0, 1.0, 0.0) - tl.where(diff < 0, 1.0, 0.0)
-        if SQUARED:
-            d_power = grad_p[:, None] * p_w
+        #    reference), and sign(0) = 0, as torch.abs's gradient. (None for the focal map: FocalLoss alone.)
+        if FOCAL_MAP:
+            dx = x * 0.0
         else:
-            d_power = grad_p[:, None]
-        g = (m * (grad_i[:, None] * y_w + d_power + grad_d[:, None] * sign)) * w[None, :]
+            p_w = p * w[None, :]
+            y_w = y * w[None, :]
+            diff, m = _modulator(p_w, y_w, gamma, gamma_case, BLOCK_C, BLOCK_S)
+            sign = tl.where(diff > 0, 1.0, 0.0) - tl.where(diff < 0, 1.0, 0.0)
+            if SQUARED:
+                d_power = grad_p[:, None] * p_w
+            else:
+                d_power = grad_p[:, None]
+            g = (m * (grad_i[:, None] * y_w + d_power + grad_d[:, None] * sign)) * w[None, :]
 
-        # 2. through the activation
-        if ACTIVATION == _SOFTMAX:
-            dx = p * (g - tl.sum(p * g, axis=0)[None, :])  # softmax: p_j (g_j - sum_c p_c g_c)
-        elif ACTIVATION == _SIGMOID:
-            dx = g * p * (1.0 - p)
-        else:
-            dx = g
+            # 2. through the activation
+            if ACTIVATION == _SOFTMAX:
+                dx = p * (g - tl.sum(p * g, axis=0)[None, :])  # softmax: p_j (g_j - sum_c p_c g_c)
+            elif ACTIVATION == _SIGMOID:
+                dx = g * p * (1.0 - p)
+            else:
+                dx = g
 
         # 3. cross entropy: d(-log q_c)/dx_j = q_j - [j == c], weighted as in the reference's ce_num.
         if WITH_CE:

@@ -15,8 +15,13 @@ from torch_medloss.reference._common import compute_dtype, poison, prepare
 
 
 def softmax_focal_terms(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha) -> torch.Tensor:
-    """-alpha_c * (1 - p_c)^gamma * log(p_c) * y_c per class and pixel, with p = softmax over classes."""
+    """-alpha_c * (1 - p_c)^gamma * log(p_c) * y_c per class and pixel, with p = softmax over classes.
+
+    log p_c is read only where y_c != 0: a -inf logit (a masked class, log p = -inf) that is not the target gives 0
+    and a finite gradient, where MONAI's 0 * -inf gives NaN (a deliberate difference, as for the cross entropy).
+    """
     log_p = logits.log_softmax(1)
+    log_p = torch.where(target != 0, log_p, torch.zeros_like(log_p))
     loss = -(1 - log_p.exp()).pow(gamma) * log_p * target
     if alpha is None:
         return loss
@@ -31,7 +36,12 @@ def softmax_focal_terms(logits: torch.Tensor, target: torch.Tensor, gamma: float
 
 
 def sigmoid_focal_terms(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha) -> torch.Tensor:
-    """Binary focal terms per class and pixel: (1 - p_t)^gamma * BCE-with-logits, alpha-balanced if given."""
+    """Binary focal terms per class and pixel: (1 - p_t)^gamma * BCE-with-logits, alpha-balanced if given.
+
+    Infinite logits are clamped to +-1e30 first: every term then is its limit (0 for x = -inf and t = 0) where
+    MONAI's x - x t gives NaN; finite float32 logits are unchanged.
+    """
+    logits = logits.clamp(-1e30, 1e30)
     bce = logits - logits * target - F.logsigmoid(logits)
     # log(1 - p_t) computed as logsigmoid(-x * (2t - 1)) to avoid overflow.
     loss = (F.logsigmoid(-logits * (target * 2 - 1)) * gamma).exp() * bce
