@@ -173,11 +173,15 @@ struct FocalStats {
 template <bool kGrad>
 __device__ __forceinline__ float focal_term(const Problem& pr, const ClassParams& cp, int64_t c, float x, float y,
                                             float w, const FocalStats& fs, float* d, float* p_out) {
-  const float xw = x * w;
+  float xw = x * w;
   const float yw = y * w;
   const float scale = cp.focal_weight[c] * w;
   const float gamma = pr.focal_gamma;
   if (pr.focal == K::FOCAL_SIGMOID) {
+    // Infinite logits clamped to +-1e30, as the reference: each term is then its limit (0 for x = -inf, y = 0, where
+    // x - x y would be NaN), with the clamp's zero gradient outside. Compares, not fminf/fmaxf: NaN stays NaN.
+    const bool inside = xw >= -1e30f && xw <= 1e30f;
+    xw = xw < -1e30f ? -1e30f : (xw > 1e30f ? 1e30f : xw);
     float factor = 1.0f;
     if (pr.alpha_mode == K::ALPHA_SCALAR) {
       factor = yw * pr.focal_alpha + (1.0f - yw) * (1.0f - pr.focal_alpha);
@@ -189,7 +193,7 @@ __device__ __forceinline__ float focal_term(const Problem& pr, const ClassParams
     const float a = expf(gamma * log_sigmoid(-xw * s));
     if constexpr (kGrad) {
       const float d_term = a * (-gamma * s * sigmoid(xw * s) * bce + sigmoid(xw) - yw);
-      *d = d_term * factor * scale * w;  // d/dx of t(x w) w: the chain rule's w and the mask's w
+      *d = inside ? d_term * factor * scale * w : 0.0f;  // d/dx of t(x w) w: the chain rule's w, the mask's w
     }
     return a * bce * factor * scale;
   }
