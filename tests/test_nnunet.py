@@ -88,8 +88,8 @@ def test_bad_arguments_name_the_argument(build, error, match):
 
 def test_bad_targets_say_what_was_expected():
     logits = torch.randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match=r"label map \(B, 1, \*S\)"):
-        ours.DC_and_CE_loss({}, {})(logits, torch.zeros(2, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"label map \(B, 1, \*S\) or \(B, \*S\)"):
+        ours.DC_and_CE_loss({}, {})(logits, torch.zeros(2, 2, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, 4, \*S\) region masks .* plus the ignore channel"):
         ours.DC_and_BCE_loss({}, {}, use_ignore_label=True)(logits, torch.zeros(2, 3, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="expected 2 outputs"):
@@ -214,6 +214,22 @@ def test_dc_and_bce_equals_nnunet(dims, batch_dice, ignore, dtype):
     args = ({}, {"batch_dice": batch_dice, "do_bg": True, "smooth": 1e-5, "ddp": False})
     kwargs = {"use_ignore_label": ignore, "dice_class": memory_efficient}
     _assert_same(DC_and_BCE_loss(*args, **kwargs), ours.DC_and_BCE_loss(*args, **kwargs), logits, target)
+
+
+@needs_nnunet
+@pytest.mark.parametrize("ignore_label", [None, 3])
+def test_dc_and_ce_also_takes_label_maps_without_the_channel_axis(ignore_label):
+    """nnU-Net's DC_and_CE_loss needs (B, 1, *S); ours also takes (B, *S), with the same result."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 3, 5, 6, generator=generator)
+    labels = _labels((2, 1, 5, 6), 3, "some" if ignore_label else None, generator)
+    args = ({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {})
+    value, grad = _run(DC_and_CE_loss(*args, ignore_label=ignore_label), logits, labels)
+    our_value, our_grad = _run(ours.DC_and_CE_loss(*args, ignore_label=ignore_label), logits, labels[:, 0])
+    torch.testing.assert_close(our_value, value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(our_grad, grad, rtol=1e-4, atol=1e-8)
 
 
 @needs_nnunet

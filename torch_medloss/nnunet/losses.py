@@ -124,7 +124,7 @@ def _softmax_dim1(x: torch.Tensor) -> torch.Tensor:
 # Softmax losses on label maps (B, 1, *S).
 
 class _LabelMapCompound(nn.Module):
-    """weight_ce * CE-like term + weight_dice * (Dice-like loss - 1) on logits (B, C, *S) and labels (B, 1, *S)."""
+    """weight_ce * CE term + weight_dice * (Dice-like loss - 1); logits (B, C, *S), labels (B, 1, *S) or (B, *S)."""
 
     def __init__(self, soft_dice_kwargs, ce_kwargs, weight_ce, weight_dice, ignore_label) -> None:
         super().__init__()
@@ -156,15 +156,19 @@ class _LabelMapCompound(nn.Module):
         # nnU-Net skips CE when nothing is valid (its mean would be NaN); that needs the count on the host.
         return self.ce(logits, labels) if valid.any() else logits.new_zeros(())
 
-    def _check_target(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+    def _label_map(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """target as (B, 1, *S); nnU-Net also takes (B, *S)."""
         if not isinstance(target, torch.Tensor) or not isinstance(logits, torch.Tensor):
             raise TypeError("net_output and target must be tensors.")
+        if target.ndim == logits.ndim - 1:
+            target = target.unsqueeze(1)
         if target.ndim != logits.ndim or target.shape[1] != 1:
-            raise ValueError(f"target must be a label map (B, 1, *S) for net_output {tuple(logits.shape)}, got "
-                             f"{tuple(target.shape)}.")
+            raise ValueError(f"target must be a label map (B, 1, *S) or (B, *S) for net_output "
+                             f"{tuple(logits.shape)}, got {tuple(target.shape)}.")
+        return target
 
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        self._check_target(net_output, target)
+        target = self._label_map(net_output, target)
         valid = target != self.ignore_label if self.ignore_label is not None else None
         dice = self._dice(net_output, target) if self.weight_dice != 0 else 0
         ce = self._cross_entropy(net_output, target, valid) if self.weight_ce != 0 else 0
@@ -212,8 +216,7 @@ class DC_and_CE_loss(_LabelMapCompound):  # noqa: N801 - nnU-Net's name
 
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self._dice_ce is not None and not _distributed_dice(self.dice_options):
-            self._check_target(net_output, target)
-            return self._dice_ce(net_output, target) - self.weight_dice
+            return self._dice_ce(net_output, self._label_map(net_output, target)) - self.weight_dice
         return super().forward(net_output, target)
 
 
