@@ -157,7 +157,7 @@ class _LabelMapCompound(nn.Module):
         return self.ce(logits, labels) if valid.any() else logits.new_zeros(())
 
     def _label_map(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """target as (B, 1, *S); nnU-Net also takes (B, *S)."""
+        """target as (B, 1, *S), nnU-Net's layout; (B, *S) gets the channel axis added."""
         if not isinstance(target, torch.Tensor) or not isinstance(logits, torch.Tensor):
             raise TypeError("net_output and target must be tensors.")
         if target.ndim == logits.ndim - 1:
