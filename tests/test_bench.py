@@ -46,7 +46,7 @@ def test_shape_and_dtype_selection():
 
 def test_parsing_accepts_names_and_aliases():
     assert workloads.parse_dtypes("fp32,bf16,float16") == ["float32", "bfloat16", "float16"]
-    assert workloads.parse_losses("Dice,PM Dice,dice+ce,DBCE,balanced_ce") == list(workloads.LOSSES)
+    assert workloads.parse_losses("Dice,PM Dice,dice+ce,focal,Dice+Focal,DBCE,balanced_ce") == list(workloads.LOSSES)
     assert workloads.parse_providers("fused,reference,monai") == ["fused", "eager", "monai"]
     assert workloads.expand_providers(["fused", "eager"], CPU) == ["cpp", "eager"]
     assert workloads.expand_providers(["fused"], CUDA) == ["triton", "cuda"]
@@ -98,7 +98,8 @@ def test_floor_bytes_formula():
     ("monai", "pm_dice", CPU, False, "unavailable", "no MONAI equivalent"),
     ("compiled", "dice", CPU, True, "skipped", "skipped under --quick on CPU"),
 ])
-def test_unavailable_reasons(provider, loss, device, quick, status, match):
+def test_unavailable_reasons(provider, loss, device, quick, status, match, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as for a user: Triton on CPU tensors is refused
     with pytest.raises(providers.Unavailable, match=match) as info:
         providers.build(provider, loss, device, quick)
     assert info.value.status == status
@@ -127,7 +128,8 @@ def _synthetic(gpu: bool):
     common = dict(workload=w.label, shape=list(w.shape), dtype=w.dtype, loss="Dice")
     rows = [
         runner.Result(**common, provider="triton" if gpu else "cpp", implementation="fused", status="ok", ms=0.5,
-                      peak_extra_mib=12.0 if gpu else None, floor_fraction=0.25 if gpu else None),
+                      peak_extra_mib=12.0 if gpu else None, floor_fraction=0.25 if gpu else None, host_ops=1,
+                      host_launches=3),
         runner.Result(**common, provider="eager", implementation="reference eager", status="ok", ms=2.0,
                       peak_extra_mib=48.0 if gpu else None, floor_fraction=0.0625 if gpu else None),
         runner.Result(**common, provider="compiled", implementation="reference compiled", status="failed",
@@ -155,7 +157,7 @@ def test_cpu_table_says_what_was_not_measured():
     rows, env, measured, _ = _synthetic(gpu=False)
     text = report.markdown(rows, env, measured)
     assert "### 3D fp32 B2 C4 8^3" in text
-    assert "| Dice | fused | 0.500 | 4.00x | - | - | not measured on CPU |  |" in text
+    assert "| Dice | fused | 0.500 | 4.00x | - | - | 1 + 3 | not measured on CPU |  |" in text
     assert "compile failed: boom" in text and "MONAI not installed" in text
     assert "of floor" not in text and "Test card" in text
 
@@ -164,7 +166,7 @@ def test_gpu_table_has_memory_and_floor():
     rows, env, measured, _ = _synthetic(gpu=True)
     text = report.markdown(rows, env, measured)
     assert "3.00 TB/s" in text and "(floor " in text
-    assert "| Dice | fused | 0.500 | 4.00x | - | - | 12 | 25% |  |" in text
+    assert "| Dice | fused | 0.500 | 4.00x | - | - | 1 + 3 | 12 | 25% |  |" in text
 
 
 def test_json_has_every_figure(tmp_path):
@@ -204,8 +206,12 @@ def test_tiny_run_on_cpu(tmp_path, capsys):
     assert len(by_cell) == 6
     eager = by_cell[("Dice", "eager")]
     assert eager["status"] == "ok" and eager["ms"] > 0 and eager["peak_extra_mib"] is None
+    assert eager["host_launches"] == 0 and eager["host_ops"] > 10  # the reference: many small PyTorch ops
     cpp = by_cell[("DBCE (R=3, ball)", "cpp")]
     assert (cpp["status"] == "ok" and cpp["ms"] > 0) or (cpp["status"] == "unavailable" and cpp["note"])
+    if cpp["status"] == "ok":  # one fused op forward, one backward, plus the CPU label check and autograd's ones
+        assert cpp["host_launches"] == 2 and cpp["host_ops"] <= 4
+    assert "host ops + launches" in out
 
 
 # ----------------------------------------------------------------------------------------------------- bench --ops
@@ -232,7 +238,8 @@ def test_cat_conv_copy_matches_the_fused_network():
     torch.testing.assert_close(baseline(x), model(x))
 
 
-def test_ops_tiny_run_on_cpu(tmp_path, capsys):
+def test_ops_tiny_run_on_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as for a user: the Triton rows are unavailable on CPU
     path = tmp_path / "ops.json"
     assert main(["bench", "--ops", "--quick", "--no-progress", "--json", str(path)]) == 0
     text = capsys.readouterr().out

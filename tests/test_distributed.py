@@ -4,10 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import backends
 import pytest
 import torch
-
-import backends
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

@@ -8,9 +8,10 @@ import sys
 from torch_medloss.bench import workloads as _workloads
 
 DESCRIPTION = (
-    "Time forward+backward of the losses (Dice, PM Dice, Dice+CE, DBCE, balanced CE) with each fused backend that "
-    "can run here, the reference in eager mode and under torch.compile, MONAI and nnU-Net when installed. Runs on "
-    "the GPU when there is one (the workloads of shared/BASELINES.md), else on the CPU (scaled-down workloads)."
+    "Time forward+backward of the losses (Dice, PM Dice, Dice+CE, focal, Dice+focal, DBCE, balanced CE) with each "
+    "fused backend that can run here, the reference in eager mode and under torch.compile, MONAI and nnU-Net when "
+    "installed, and count each one's host cost (PyTorch ops and kernel launches per call). Runs on the GPU when there "
+    "is one (the workloads of shared/BASELINES.md), else on the CPU (scaled-down workloads)."
 )
 
 

@@ -77,6 +77,10 @@ def _monai(loss: str, device: torch.device, quick: bool) -> torch.nn.Module:
         return monai.losses.DiceLoss(to_onehot_y=True, softmax=True, batch=True)
     if loss == "dice_ce":
         return monai.losses.DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    if loss == "focal":
+        return monai.losses.FocalLoss(to_onehot_y=True, use_softmax=True)
+    if loss == "dice_focal":
+        return monai.losses.DiceFocalLoss(to_onehot_y=True, softmax=True, batch=True)
     raise Unavailable("no MONAI equivalent")
 
 

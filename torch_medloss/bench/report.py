@@ -93,7 +93,11 @@ def markdown(results: Sequence[Result], env: dict, measured: dict) -> str:
         if load is not None and load > 0.5 * (os.cpu_count() or 1):
             lines.append(f"Warning: load average {load:.1f} on {os.cpu_count()} cores before the run: other processes "
                          "shared the CPU, so these times are noisy.")
-    columns = ["loss", "implementation", "ms", *BASELINES.values(), "peak extra MiB"]
+    lines.append("Host cost: PyTorch ops that launch work + kernel launches (Triton kernels; this package's C++ ops "
+                 "count one each) in one forward+backward, counted with a dispatch mode and a launch hook"
+                 + ("." if gpu else "; on CPU tensors the label check (3 ops) runs too, on CUDA only with "
+                    "validate=True."))
+    columns = ["loss", "implementation", "ms", *BASELINES.values(), "host ops + launches", "peak extra MiB"]
     if gpu:
         columns.append("of floor")
     columns.append("note")
@@ -105,14 +109,15 @@ def markdown(results: Sequence[Result], env: dict, measured: dict) -> str:
                   "|" + "---|" * len(columns)]
         for r in (r for r in results if r.workload == workload):
             if r.status != "ok":
-                cells = [r.loss, r.implementation, "-", *("-" for _ in BASELINES), "-"]
+                cells = [r.loss, r.implementation, "-", *("-" for _ in BASELINES), "-", "-"]
                 if gpu:
                     cells.append("-")
                 cells.append(r.note)
             else:
                 memory = "not measured on CPU" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.0f}"
+                host = "-" if r.host_ops is None else f"{r.host_ops} + {r.host_launches}"
                 cells = [r.loss, r.implementation, _ms(r.ms), *(_speedup(r.speedup.get(b)) for b in BASELINES),
-                         memory]
+                         host, memory]
                 if gpu:
                     cells.append("-" if r.floor_fraction is None else f"{100 * r.floor_fraction:.0f}%")
                 cells.append("" if r.note == "peak memory not measured on CPU" else r.note)

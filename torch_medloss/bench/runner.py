@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from torch_medloss.bench import providers as _providers
+from torch_medloss.bench.host_cost import count_host_cost
 from torch_medloss.bench.workloads import LOSSES, Workload
 
 
@@ -37,6 +38,10 @@ class Result:
     first_call_s: float | None = None
     peak_extra_mib: float | None = None
     floor_fraction: float | None = None
+    # Host cost of one forward+backward (torch_medloss.bench.host_cost): PyTorch ops that launch work, and kernel
+    # launches (Triton's, and this package's C++ ops); None for the compiled providers (their graph hides them).
+    host_ops: int | None = None
+    host_launches: int | None = None
     speedup: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -168,6 +173,10 @@ def run_cell(workload: Workload, loss: str, provider: str, logits: torch.Tensor,
                 result.note = f"{prefix}: {_short_error(exc)}"
                 return result
             result.first_call_s = time.perf_counter() - start
+            if provider not in _providers.COMPILED:
+                with count_host_cost() as cost:
+                    step()
+                result.host_ops, result.host_launches = cost.num_ops, cost.num_launches
             result.ms = median_ms(step, device, timing)
             result.peak_extra_mib = peak_extra_mib(step, logits)
             if floor_ms is not None:

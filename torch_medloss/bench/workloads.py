@@ -120,6 +120,10 @@ LOSSES = {
             gamma=2.0, to_onehot_y=True, softmax=True, batch=True, backend=backend)),
         LossSpec("dice_ce", "Dice+CE", lambda backend: torch_medloss.DiceCELoss(
             to_onehot_y=True, softmax=True, batch=True, backend=backend)),
+        LossSpec("focal", "Focal (softmax)", lambda backend: torch_medloss.FocalLoss(
+            to_onehot_y=True, use_softmax=True, backend=backend)),
+        LossSpec("dice_focal", "Dice+Focal", lambda backend: torch_medloss.DiceFocalLoss(
+            to_onehot_y=True, softmax=True, batch=True, backend=backend)),
         LossSpec("dbce", "DBCE (R=3, ball)", lambda backend: torch_medloss.DBCELoss(
             radius=3.0, element="ball", backend=backend)),
         LossSpec("balanced_ce", "Balanced CE", lambda backend: torch_medloss.BalancedCELoss(backend=backend)),
