@@ -86,7 +86,7 @@ _ERROR_TAIL_LINES = 25
 # CPU seconds of a CPU-only build on the 2-core AMD EPYC of the README's benchmarks (the sum of the compile times of
 # the csrc/ files, 2026-12), for the time announced before a first build when this cache has not built one yet. The
 # CUDA figure per .cu file is a guess: no CUDA build has been timed yet (the first one records its time).
-_REFERENCE_CPU_SECONDS = 180.0
+_REFERENCE_CPU_SECONDS = 150.0
 _REFERENCE_CUDA_SECONDS_PER_FILE = 60.0
 
 
@@ -489,7 +489,7 @@ def when_loaded(callback: Callable[[], None]) -> None:
 def why_not_loaded(cuda: bool) -> str | None:
     """None if the compiled ops are registered (with their CUDA kernels when ``cuda``); otherwise the reason.
 
-    The first call finds, or builds (about a minute and a half on 2 cores), and loads the extension; later calls
+    The first call finds, or builds (about 80 s on 2 cores), and loads the extension; later calls
     return the outcome of that attempt.
     """
     outcome = _get()
