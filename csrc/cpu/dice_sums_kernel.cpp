@@ -124,6 +124,9 @@ struct OpCodes {
   int64_t activation, ignore_index, mask_mode, focal, alpha_mode, drop, head, reduction;
   bool labels, squared, with_ce, batch;
   double label_smoothing, focal_gamma, focal_alpha;
+  // Whether the passes compute the Dice sums and their gradient: always for the sums ops; the loss op of the focal
+  // term alone (HEAD_NONE without cross entropy: FocalLoss) skips them, as its head never reads them.
+  bool dice_part = true;
 };
 
 // A code that must be one of `count` values 0, 1, ...: names the position, lists the values.
@@ -234,6 +237,12 @@ std::vector<int64_t> loss_shape(const OpCodes& k, int64_t batch, int64_t classes
   }
   const int64_t per_unit = k.head == HEAD_GENERALIZED ? 1 : kept;
   return k.batch ? std::vector<int64_t>{per_unit} : std::vector<int64_t>{batch, per_unit};
+}
+
+// The loss ops' codes: the focal term alone skips the Dice part.
+OpCodes loss_codes(OpCodes k) {
+  k.dice_part = k.head != contract::HEAD_NONE || k.with_ce;
+  return k;
 }
 
 // FocalLoss's reduction "none": the loss is the (B, C', S) map of the focal terms, written by the forward pass.
@@ -392,7 +401,7 @@ struct Source {
 // Fills sums (B, C, DICE_NUM_SUMS) and extras (B, DICE_NUM_EXTRAS), both contiguous acc_t and zero on entry, and,
 // given a map ((B, C', S) contiguous acc_t), the focal terms of every element.
 template <typename scalar_t, typename target_t, typename acc_t>
-void forward_impl(const Options<acc_t>& o, int64_t activation, bool squared, const at::Tensor& logits,
+void forward_impl(const Options<acc_t>& o, int64_t activation, bool squared, bool dice_part, const at::Tensor& logits,
                   const at::Tensor& target, acc_t* sums_out, acc_t* extras_out, acc_t* map) {
   constexpr bool kLabels = std::is_integral_v<target_t>;
   const int64_t batch = logits.size(0);
@@ -426,7 +435,15 @@ void forward_impl(const Options<acc_t>& o, int64_t activation, bool squared, con
       for (int64_t first = begin; first < end; first += tile) {
         const int64_t n = std::min(tile, end - first);
         bad += source.load(o, b, first, n, s, rows);
-        tile_fn(o, rows, n, s);
+        if (dice_part) {
+          tile_fn(o, rows, n, s);
+        } else {
+          // Only the valid pixels, added to their lanes as the tile adds them.
+          acc_t* valid = s.lanes.data() + (sums_width + kRowValid) * kLanes;
+          for (int64_t j = 0; j < n; ++j) {
+            valid[j % kLanes] += s.w[j];
+          }
+        }
         if (focal_fn != nullptr) {
           focal_fn(o, rows, n, s, map == nullptr ? nullptr : map + b * kept * pixels + first, pixels);
         }
@@ -474,7 +491,7 @@ void forward_impl(const Options<acc_t>& o, int64_t activation, bool squared, con
 // (d / d ce_num), contiguous acc_t; focal_map: the upstream of the focal map ((B, C', S) contiguous acc_t), or
 // nullptr.
 template <typename scalar_t, typename target_t, typename acc_t>
-void backward_impl(const Options<acc_t>& o, int64_t activation, bool squared, const acc_t* up_sums,
+void backward_impl(const Options<acc_t>& o, int64_t activation, bool squared, bool dice_part, const acc_t* up_sums,
                    const acc_t* up_ce, const acc_t* focal_map, const at::Tensor& logits, const at::Tensor& target,
                    at::Tensor& grad) {
   constexpr bool kLabels = std::is_integral_v<target_t>;
@@ -518,7 +535,13 @@ void backward_impl(const Options<acc_t>& o, int64_t activation, bool squared, co
             out_row = g_c;
           }
         }
-        tile_fn(o, up, rows, n, s, out, out_row);
+        if (dice_part) {
+          tile_fn(o, up, rows, n, s, out, out_row);
+        } else {
+          for (int64_t c = 0; c < classes; ++c) {
+            std::fill(out + c * out_row, out + c * out_row + n, acc_t(0));
+          }
+        }
         if (focal_fn != nullptr) {
           focal_fn(o, tile_up, rows, n, s, out, out_row);
         }
@@ -570,7 +593,7 @@ void run_forward(const OpCodes& k, const at::Tensor& logits, const at::Tensor& t
     using target_t = typename decltype(target_type)::type;
     using acc_t = at::opmath_type<scalar_t>;
     const Options<acc_t> o = make_options<acc_t>(k, logits.size(1), params_acc.const_data_ptr<acc_t>());
-    forward_impl<scalar_t, target_t, acc_t>(o, k.activation, k.squared, logits, target,
+    forward_impl<scalar_t, target_t, acc_t>(o, k.activation, k.squared, k.dice_part, logits, target,
                                             sums.mutable_data_ptr<acc_t>(), extras.mutable_data_ptr<acc_t>(),
                                             map == nullptr ? nullptr : map->mutable_data_ptr<acc_t>());
   });
@@ -592,8 +615,8 @@ at::Tensor run_backward(const OpCodes& k, const at::Tensor& up_sums, const at::T
     using target_t = typename decltype(target_type)::type;
     using acc_t = at::opmath_type<scalar_t>;
     const Options<acc_t> o = make_options<acc_t>(k, logits.size(1), params_acc.const_data_ptr<acc_t>());
-    backward_impl<scalar_t, target_t, acc_t>(o, k.activation, k.squared, up_sums.const_data_ptr<acc_t>(),
-                                             up_ce.const_data_ptr<acc_t>(),
+    backward_impl<scalar_t, target_t, acc_t>(o, k.activation, k.squared, k.dice_part,
+                                             up_sums.const_data_ptr<acc_t>(), up_ce.const_data_ptr<acc_t>(),
                                              focal_map.defined() ? focal_map.const_data_ptr<acc_t>() : nullptr,
                                              logits, target, grad);
   });
@@ -633,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor> dice_loss_fwd_cpu(const at::Tensor& logits, c
                                                      const at::Tensor& params, at::IntArrayRef codes,
                                                      at::ArrayRef<double> scalars) {
   constexpr const char* op = "torch_medloss::dice_loss_fwd";
-  const OpCodes k = check_inputs(op, logits, target, params, codes, scalars);
+  const OpCodes k = loss_codes(check_inputs(op, logits, target, params, codes, scalars));
   const int64_t batch = logits.size(0), classes = logits.size(1), pixels = logits.size(2);
   const at::TensorOptions acc = logits.options().dtype(accumulator(logits));
   const bool focal_map = is_focal_map(k);
@@ -699,7 +722,7 @@ at::Tensor dice_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& coef
                              const at::Tensor& target, const at::Tensor& params, at::IntArrayRef codes,
                              at::ArrayRef<double> scalars) {
   constexpr const char* op = "torch_medloss::dice_loss_bwd";
-  const OpCodes k = check_inputs(op, logits, target, params, codes, scalars);
+  const OpCodes k = loss_codes(check_inputs(op, logits, target, params, codes, scalars));
   const int64_t batch = logits.size(0), classes = logits.size(1), pixels = logits.size(2);
   check_upstream(op, "grad_loss", grad_loss, loss_shape(k, batch, classes, pixels),
                  "the loss's (_contract.dice_loss_shape)", logits);

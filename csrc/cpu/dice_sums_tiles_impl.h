@@ -382,18 +382,41 @@ MEDLOSS_INLINE void forward_row_any(const Options<acc_t>& o, const Rows<acc_t>& 
   }
 }
 
-// lanes[m] += values[j] for the pixels j = m mod kLanes of a tile, in pixel order.
-template <typename acc_t>
-MEDLOSS_INLINE void add_to_lanes(const acc_t* values, int64_t n, acc_t* lanes) {
+// lanes[m] += values[j] (kNegate: -= ) for the pixels j = m mod kLanes of a tile, in pixel order, where keep[j] != 0
+// (nullptr: every pixel). A pixel left out is selected away, not multiplied by 0 (its value may be infinite). The
+// lanes live in registers for the whole tile (a local copy: the compiler cannot tell that they do not alias values).
+template <bool kNegate = false, typename acc_t>
+MEDLOSS_INLINE void add_to_lanes(const acc_t* values, int64_t n, acc_t* lanes, const acc_t* keep = nullptr) {
+  acc_t sum[kLanes];
+  for (int64_t m = 0; m < kLanes; ++m) {
+    sum[m] = lanes[m];
+  }
   int64_t q = 0;
-  for (; q + kLanes <= n; q += kLanes) {
-    MEDLOSS_SIMD
-    for (int64_t m = 0; m < kLanes; ++m) {
-      lanes[m] += values[q + m];
+  if (keep == nullptr) {
+    for (; q + kLanes <= n; q += kLanes) {
+      MEDLOSS_SIMD
+      for (int64_t m = 0; m < kLanes; ++m) {
+        sum[m] = kNegate ? sum[m] - values[q + m] : sum[m] + values[q + m];
+      }
+    }
+    for (int64_t m = 0; q + m < n; ++m) {
+      sum[m] = kNegate ? sum[m] - values[q + m] : sum[m] + values[q + m];
+    }
+  } else {
+    for (; q + kLanes <= n; q += kLanes) {
+      MEDLOSS_SIMD
+      for (int64_t m = 0; m < kLanes; ++m) {
+        const acc_t value = select(keep[q + m] != acc_t(0), values[q + m], acc_t(0));
+        sum[m] = kNegate ? sum[m] - value : sum[m] + value;
+      }
+    }
+    for (int64_t m = 0; q + m < n; ++m) {
+      const acc_t value = select(keep[q + m] != acc_t(0), values[q + m], acc_t(0));
+      sum[m] = kNegate ? sum[m] - value : sum[m] + value;
     }
   }
-  for (int64_t m = 0; q + m < n; ++m) {
-    lanes[m] += values[q + m];
+  for (int64_t m = 0; m < kLanes; ++m) {
+    lanes[m] = sum[m];
   }
 }
 
@@ -410,14 +433,9 @@ MEDLOSS_INLINE void forward_tile_body(const Options<acc_t>& o, const Rows<acc_t>
     for (int64_t c = 0; c < o.classes; ++c) {
       forward_row_any<acc_t, kActivation, kSquared, kLabels, true>(o, rows, c, n, s);
     }
-    // -(cross entropy) of the pixels that count; an invalid label's pixel is selected away (its total may be
-    // infinite under label smoothing with a -inf logit), as the reference's where(in_range, ...).
-    const acc_t* v = s.v.data();
-    MEDLOSS_SIMD
-    for (int64_t j = 0; j < n; ++j) {
-      total[j] = select(v[j] != acc_t(0), -total[j], acc_t(0));
-    }
-    add_to_lanes(total, n, extra_lanes + kRowCeNum * kLanes);
+    // ce_num -= total (-(cross entropy)) at the pixels that count; an invalid label's pixel is selected away (its
+    // total may be infinite under label smoothing with a -inf logit), as the reference's where(in_range, ...).
+    add_to_lanes</*kNegate=*/true>(total, n, extra_lanes + kRowCeNum * kLanes, s.v.data());
   } else {
     for (int64_t c = 0; c < o.classes; ++c) {
       forward_row_any<acc_t, kActivation, kSquared, kLabels, false>(o, rows, c, n, s);
@@ -631,6 +649,11 @@ MEDLOSS_INLINE acc_t sigmoid_focal(acc_t xw, acc_t yw, acc_t gamma, acc_t alpha_
   return a * bce * factor;
 }
 
+// The sigmoid form's bound on |x'|: infinite logits are clamped to it, as the reference does (each term is then its
+// limit, 0 for x = -inf and y = 0, where MONAI's x - x y is NaN), and the clamp's gradient is 0 outside.
+template <typename acc_t>
+constexpr acc_t kFocalLogitBound = acc_t(1e30);
+
 // Class row c of a tile, sigmoid form: the terms t w fw into row (the focal_row buffer), or, with GRAD, the gradient
 // d(upstream t(x w) w fw)/dx = upstream d t / dx' w^2 fw added to out; up: the upstream per pixel.
 template <bool kGrad, int64_t kAlpha, bool kLabels, typename acc_t>
@@ -645,14 +668,18 @@ MEDLOSS_INLINE void sigmoid_focal_row(const Options<acc_t>& o, const Rows<acc_t>
   const acc_t alpha_scalar = o.focal_alpha;
   const acc_t alpha_class = o.alpha[c];
   const acc_t weight = o.focal_weight[c];
+  constexpr acc_t kBound = kFocalLogitBound<acc_t>;
   MEDLOSS_SIMD
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t xw = xc[j] * w[j];
+    const acc_t product = xc[j] * w[j];
+    // Compares, not min/max: a NaN logit stays NaN.
+    const acc_t xw = select(product < -kBound, -kBound, select(product > kBound, kBound, product));
     const acc_t yw = masked_target_at<kLabels>(labels, cls, yc, w, j);
     acc_t d_term = acc_t(0);
     const acc_t term = sigmoid_focal<kGrad, kAlpha, kLabels>(xw, yw, gamma, alpha_scalar, alpha_class, d_term);
     if constexpr (kGrad) {
-      row[j] += up[j] * (d_term * (weight * w[j]) * w[j]);
+      const bool inside = (product >= -kBound) & (product <= kBound);
+      row[j] += select(inside, up[j] * (d_term * (weight * w[j]) * w[j]), acc_t(0));
     } else {
       row[j] = term * (weight * w[j]);
     }
