@@ -1064,6 +1064,10 @@ def _check(op: str, logits: torch.Tensor, target: torch.Tensor, params: torch.Te
                          f"{num_classes}, got {ignore_index}.")
     if codes[K.DICE_CODE_DROP_BACKGROUND] and num_classes < 2:
         raise ValueError(f"{op}: drop_background needs C >= 2, got {num_classes}.")
+    if codes[K.DICE_CODE_FOCAL] and codes[K.DICE_CODE_HEAD] != K.HEAD_NONE \
+            and codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE:
+        raise ValueError(f"{op}: reduction 'none' with a Dice head and a focal term is not an op output (a Dice "
+                         "value per class plus a focal map); the front end runs the reference for it.")
     for name, tensor in tensors.items():
         if tensor.device != logits.device:
             raise ValueError(f"{op}: {name} is on {tensor.device}, the logits on {logits.device}.")

@@ -175,10 +175,10 @@ def test_triton_losses_under_the_interpreter():
 
 def test_auto_uses_the_fused_kernel_on_cpu(monkeypatch):
     calls = []
-    from torch_medloss import dice_sums
+    from torch_medloss.ops import dice_sums
 
-    original = dice_sums.dice_sums
-    monkeypatch.setattr("torch_medloss.dice_family.dice_sums", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    original = dice_sums.dice_loss
+    monkeypatch.setattr(dice_sums, "dice_loss", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
     torch_medloss.DiceLoss(to_onehot_y=True, softmax=True)(torch.randn(1, 2, 4, 4), torch.randint(0, 2, (1, 1, 4, 4)))
     assert calls == ["cpp"]
 

@@ -74,6 +74,9 @@ def _dice_blocker(input: Tensor, target: Tensor, o: DiceOptions) -> str | None:
     """Why these options and tensors cannot run on the fused kernels, or None."""
     if o.other_act is not None:
         return "other_act is an arbitrary callable; only sigmoid, softmax or no activation are fused"
+    if input.ndim == 2:
+        return ("(B, C) inputs have no spatial dims: MONAI reduces them with torch.sum(dim=[]), over every dim, "
+                "which the reference reproduces")
     num_classes = input.shape[1]
     if num_classes > K.DICE_MAX_CLASSES:
         return f"{num_classes} classes is more than the fused kernels' {K.DICE_MAX_CLASSES}"

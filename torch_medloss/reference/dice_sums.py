@@ -253,8 +253,7 @@ def loss_from_sums(
             f = f * params[K.DICE_PARAM_WEIGHT, drop:].to(f)
         loss = _reduce(f, reduction)
     with_focal = codes[K.DICE_CODE_FOCAL] != K.FOCAL_NONE
-    if codes[K.DICE_CODE_WITH_CE] or with_focal:
-        loss = scalars[K.DICE_SCALAR_LAMBDA_DICE] * loss
+    loss = scalars[K.DICE_SCALAR_LAMBDA_DICE] * loss  # 1 for every loss but Dice+CE and Dice+focal
     if codes[K.DICE_CODE_WITH_CE]:
         ce_total, ce_normalizer = extras[:, K.DICE_EXTRA_CE_NUM].sum(), extras[:, K.DICE_EXTRA_CE_DEN].sum()
         if all_reduce is not None:
