@@ -120,6 +120,32 @@ def test_torch_compile_fullgraph_model_and_loss():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: torch_medloss.PMDiceLoss(gamma=[0.0, 1.0, 2.0, 3.0], to_onehot_y=True, softmax=True, backend="cpp"),
+    lambda: torch_medloss.DiceCELoss(to_onehot_y=True, softmax=True, weight=[1.0, 2.0, 3.0, 4.0], backend="cpp"),
+    lambda: torch_medloss.FocalLoss(to_onehot_y=True, use_softmax=True, backend="cpp"),
+    lambda: torch_medloss.DBCELoss(radius=1.5, backend="cpp"),
+], ids=["pm_dice", "dice_ce", "focal", "dbce"])
+def test_torch_export_model_and_loss(make):
+    """torch.export of a model with a loss module traces the fused op (MONAI's Dice losses do not export)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1))
+    loss_fn = make()
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.loss = model, loss_fn
+
+        def forward(self, images, labels):
+            return self.loss(self.model(images), labels)
+
+    images, labels = torch.randn(2, 2, 8, 8), torch.randint(0, 4, (2, 1, 8, 8))
+    exported = torch.export.export(Step(), (images, labels))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any(op.startswith("torch_medloss.") for op in ops), ops
+    torch.testing.assert_close(exported.module()(images, labels), Step()(images, labels))
+
+
 @given(
     spatial=st.lists(st.integers(1, 6), min_size=1, max_size=3),
     classes=st.integers(1, 20),
