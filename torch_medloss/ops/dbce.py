@@ -78,33 +78,9 @@ def dbce_loss(input: Tensor, labels: Tensor, *, backend: str, radius: float, ele
         loss = _reference.dbce_loss_fwd(logits, volume, codes, scalars)
     elif backend == "triton":
         loss = _triton_ops().dbce_loss_fwd_triton(logits, volume, codes, scalars)[0]
-    elif not _has_compiled_loss():
-        loss = _reference_loss_on(backend, logits, volume, codes, scalars)
     else:
         loss = torch.ops.torch_medloss.dbce_loss_fwd(logits, volume, codes, scalars)[0]
     return loss.view(labels.shape) if reduction == "none" else loss
-
-
-def _reference_loss_on(backend, logits, volume, codes, scalars) -> Tensor:
-    """The loss op composed from the pieces on ``backend`` (a library built before the fused op cannot be: the
-    cache key covers the sources; kept for a build that lacks the op)."""
-    batch, num_classes, num_pixels = logits.shape
-    ignore_index = codes[K.DBCE_CODE_IGNORE_INDEX]
-    masks, counts, areas, invalid = dbce_masks(backend, volume, num_classes, ignore_index,
-                                               codes[K.DBCE_CODE_ELEMENT], scalars[K.DBCE_SCALAR_RADIUS],
-                                               list(scalars[K.DBCE_SCALAR_SPACING:]))
-    unit_batch = bool(codes[K.DBCE_CODE_BATCH])
-    class_weights, _ = class_weights_from_sums(counts, areas, unit_batch, "off", torch.float64)
-    per_image = class_weights.expand(batch, num_classes) if unit_batch else class_weights
-    accumulator = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    none = codes[K.DBCE_CODE_REDUCTION] == K.REDUCTION_NONE
-    sums, weighted = dbce_ce(backend, logits, volume.reshape(batch, num_pixels), masks.flatten(1),
-                             per_image.to(accumulator), ignore_index, none)
-    bad = invalid.sum() > 0
-    if none:
-        return poison(weighted, bad)
-    mode = "mean" if codes[K.DBCE_CODE_REDUCTION] == K.REDUCTION_MEAN else "sum"
-    return poison(reduce_weighted(sums[:, 0].sum(), sums[:, 1].sum(), mode, unit_batch, "off"), bad)
 
 
 def _dbce_loss_composed(input, labels, backend, radius, element, spacing, ignore_index, reduction, distributed):
@@ -234,31 +210,16 @@ def _register(prefix: str, suffix: str, ops) -> None:
                        saved_outputs=(1, 2, 3), used_grads=(0,))
 
 
-_compiled_loss: bool | None = None
-
-
-def _has_compiled_loss() -> bool:
-    return _compiled_loss is True
-
-
 def _register_compiled_ops() -> None:
     """Fake kernels and autograd of the C++ ops, once the library is loaded. csrc/dbce.cpp names this module with
     set_python_module, as torch requires of C++ ops with Python fake kernels."""
-    global _compiled_loss
-    if not torch._C._dispatch_has_kernel("torch_medloss::dbce_ce_fwd"):
+    if not torch._C._dispatch_has_kernel("torch_medloss::dbce_loss_fwd"):
         return
-    torch.library.register_fake("torch_medloss::dbce_masks", dbce_masks_fake)
-    torch.library.register_fake("torch_medloss::dbce_ce_fwd", dbce_ce_fwd_fake)
-    torch.library.register_fake("torch_medloss::dbce_ce_bwd", dbce_ce_bwd_fake)
-    _autograd.register("torch_medloss::dbce_ce_fwd", "torch_medloss::dbce_ce_bwd",
-                       torch.ops.torch_medloss.dbce_ce_bwd, _CE, num_tensors=4)
-    _compiled_loss = torch._C._dispatch_has_kernel("torch_medloss::dbce_loss_fwd")
-    if _compiled_loss:
-        torch.library.register_fake("torch_medloss::dbce_loss_fwd", dbce_loss_fwd_fake)
-        torch.library.register_fake("torch_medloss::dbce_loss_bwd", dbce_loss_bwd_fake)
-        _autograd.register("torch_medloss::dbce_loss_fwd", "torch_medloss::dbce_loss_bwd",
-                           torch.ops.torch_medloss.dbce_loss_bwd, "the fused DBCE loss", num_tensors=2,
-                           saved_outputs=(1, 2, 3), used_grads=(0,))
+    for name, fake in (("dbce_masks", dbce_masks_fake), ("dbce_ce_fwd", dbce_ce_fwd_fake),
+                       ("dbce_ce_bwd", dbce_ce_bwd_fake), ("dbce_loss_fwd", dbce_loss_fwd_fake),
+                       ("dbce_loss_bwd", dbce_loss_bwd_fake)):
+        torch.library.register_fake(f"torch_medloss::{name}", fake)
+    _register("torch_medloss::", "", torch.ops.torch_medloss)
 
 
 _extension.when_loaded(_register_compiled_ops)

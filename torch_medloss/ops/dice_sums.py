@@ -34,13 +34,6 @@ def dice_loss(backend: str, logits: Tensor, target: Tensor, params: Tensor, code
         return _reference.dice_loss_fwd(logits, target, params, codes, scalars)
     if backend == "triton":
         loss, coefficients = _triton_ops().dice_loss_fwd_triton(logits, target, params, codes, scalars)
-    elif not _has_compiled_loss():
-        # An extension without the fused head (a build that lacks it) runs the sums and the head composed.
-        if K.dice_loss_shape(logits.shape[0], logits.shape[1], codes, logits.shape[2]) and \
-                codes[K.DICE_CODE_HEAD] == K.HEAD_NONE:
-            return _reference.dice_loss_fwd(logits, target, params, codes, scalars)
-        sums, extras = dice_sums(backend, logits, target, params, codes, scalars)
-        return _reference.loss_from_sums(sums, extras, params, codes, scalars)
     else:
         loss, coefficients = torch.ops.torch_medloss.dice_loss_fwd(logits, target, params, codes, scalars)
     if codes[K.DICE_CODE_HEAD] == K.HEAD_NONE and codes[K.DICE_CODE_REDUCTION] == K.REDUCTION_NONE \
@@ -123,31 +116,16 @@ def _register(prefix: str, suffix: str, ops) -> None:
                        used_grads=(0,))
 
 
-_compiled_loss: bool | None = None
-
-
-def _has_compiled_loss() -> bool:
-    return _compiled_loss is True
-
-
 def _register_compiled_ops() -> None:
     """Fake kernels and autograd of the C++ ops, once the library is loaded (torch accepts them only for ops that
     exist). csrc/dice_sums.cpp names this module with set_python_module, as torch requires of C++ ops with Python
     fake kernels."""
-    global _compiled_loss
-    if not torch._C._dispatch_has_kernel("torch_medloss::dice_sums_fwd"):
+    if not torch._C._dispatch_has_kernel("torch_medloss::dice_loss_fwd"):
         return
-    torch.library.register_fake("torch_medloss::dice_sums_fwd", dice_sums_fwd_fake)
-    torch.library.register_fake("torch_medloss::dice_sums_bwd", dice_sums_bwd_fake)
-    _autograd.register("torch_medloss::dice_sums_fwd", "torch_medloss::dice_sums_bwd",
-                       torch.ops.torch_medloss.dice_sums_bwd, _WHAT, num_tensors=3)
-    _compiled_loss = torch._C._dispatch_has_kernel("torch_medloss::dice_loss_fwd")
-    if _compiled_loss:
-        torch.library.register_fake("torch_medloss::dice_loss_fwd", dice_loss_fwd_fake)
-        torch.library.register_fake("torch_medloss::dice_loss_bwd", dice_loss_bwd_fake)
-        _autograd.register("torch_medloss::dice_loss_fwd", "torch_medloss::dice_loss_bwd",
-                           torch.ops.torch_medloss.dice_loss_bwd, _WHAT, num_tensors=3, saved_outputs=(1,),
-                           used_grads=(0,))
+    for name, fake in (("dice_sums_fwd", dice_sums_fwd_fake), ("dice_sums_bwd", dice_sums_bwd_fake),
+                       ("dice_loss_fwd", dice_loss_fwd_fake), ("dice_loss_bwd", dice_loss_bwd_fake)):
+        torch.library.register_fake(f"torch_medloss::{name}", fake)
+    _register("torch_medloss::", "", torch.ops.torch_medloss)
 
 
 _extension.when_loaded(_register_compiled_ops)

@@ -1,17 +1,19 @@
 """Reference of the fused Dice-family kernel: the per-(batch item, class) sums every Dice-family loss needs.
 
-This is the contract the C++, CUDA and Triton kernels implement (``torch_medloss::dice_sums_fwd`` / ``_bwd``), written
-as plain PyTorch. Layout: logits x (B, C, S) (spatial dims flattened), target either labels (B, S) of any integer
+This is the contract the C++, CUDA and Triton kernels implement (``torch_medloss::dice_sums_fwd`` / ``_bwd``, and the
+fused ``dice_loss_fwd`` / ``_bwd``: the sums, then ``loss_from_sums``), written as plain PyTorch; the options come as
+the codes, scalars and params of torch_medloss._contract. Layout: logits x (B, C, S) (spatial dims flattened), target either labels (B, S) of any integer
 dtype or dense (B, C, S) floats.
 
 Per pixel i and class c, with p = activation(x) and the valid-pixel weight w_i (see ``MASK_*``):
 
     p'_c = w * p_c,   y'_c = w * y_c,   m_c = |y'_c - p'_c|^gamma_c   (m = 1 where gamma_c = 0; no gradient)
 
-    sums[b, c] = [ I = sum m p' y',   P = sum m p'^k,   G = sum m y'^k,   D = sum m |p' - y'| ]   (k = 2 if squared)
+    sums[b, c] = [ I = sum m p' y',   P = sum m p'^k,   G = sum m y'^k,   D = sum m |p' - y'|,   F ]   (k = 2 if squared)
 
+with F the focal term's sum (``focal_terms``: MONAI's FocalLoss per pixel, on the raw logits, 0 without it).
 Masking p and y before everything is what MONAI does (``input * mask``, ``target * mask``), so soft masks behave
-exactly as in MONAI. ``extras[b] = [ce_num, ce_den, invalid]``:
+exactly as in MONAI. ``extras[b] = [ce_num, ce_den, invalid, valid]``, valid = sum_i w_i:
 
 - ``invalid``: label-map pixels whose label is outside [0, C) and is not the ignored label. Such a pixel gets w = 0;
   the loss head turns any invalid count into NaN (no device sync).
@@ -213,7 +215,7 @@ def loss_from_sums(
     scalars: list[float],
     all_reduce=None,
 ) -> torch.Tensor:
-    """The loss head on the sums (B, C, 4) and extras (B, 3): what the fused dice_loss ops compute after the sums.
+    """The loss head on the sums (B, C, 5) and extras (B, 4): what the fused dice_loss ops compute after the sums.
 
     Composed from the reference losses' own per-class formulas (torch_medloss.reference.dice), so the fused heads
     and the references cannot drift apart. ``all_reduce``: a differentiable sum over the ranks of a process group,
