@@ -983,6 +983,9 @@ def _check_loss(op: str, logits: torch.Tensor, labels: torch.Tensor, codes: list
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}.")
     if logits.dtype not in _LOGITS_DTYPES:
         raise ValueError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}.")
+    if codes[K.DBCE_CODE_REDUCTION] not in (K.REDUCTION_MEAN, K.REDUCTION_SUM, K.REDUCTION_NONE):
+        raise ValueError(f"{op}: codes[DBCE_CODE_REDUCTION] must be {K.REDUCTION_MEAN} (mean), {K.REDUCTION_SUM} "
+                         f"(sum) or {K.REDUCTION_NONE} (none), got {codes[K.DBCE_CODE_REDUCTION]}.")
     _check_masks(op, labels, logits.shape[1], codes[K.DBCE_CODE_ELEMENT], scalars[K.DBCE_SCALAR_RADIUS],
                  scalars[K.DBCE_SCALAR_SPACING:K.DBCE_SCALAR_SPACING + 3])
     if labels.device != logits.device:
