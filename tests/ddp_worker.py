@@ -1,8 +1,10 @@
 """Two-process gloo check of distributed batch Dice (run by test_distributed.py, not collected by pytest).
 
 Each rank takes half of a fixed batch, runs a tiny model under DistributedDataParallel and a batch=True loss, and
-writes its loss and parameter gradients; the single-process run on the whole batch is the expected result.
-Usage: python ddp_worker.py LOSS BACKEND OUT_DIR
+writes its loss and parameter gradients; the single-process run on the whole batch is the expected result. Every
+case (loss, backend) runs in the same two processes, one after the other: starting the ranks costs seconds, a case
+milliseconds.
+Usage: python ddp_worker.py OUT_DIR LOSS:BACKEND [LOSS:BACKEND ...]; writes OUT_DIR/LOSS-BACKEND-{single,rank0,rank1}.pt
 """
 
 import os
@@ -41,14 +43,21 @@ def make_model():
     return torch.nn.Conv2d(2, 3, 3, padding=1).double()
 
 
-def run_rank(rank: int, name: str, backend: str, out_dir: str, init_file: str) -> None:
+def run(name: str, backend: str, images: torch.Tensor, labels: torch.Tensor, model: torch.nn.Module, path: str) -> None:
+    loss = make_loss(name, backend)(model(images), labels)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, path)
+
+
+def run_rank(rank: int, cases: list[tuple[str, str]], out_dir: str, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     images, labels = make_data()
     half = images.shape[0] // WORLD
-    model = torch.nn.parallel.DistributedDataParallel(make_model())
-    loss = make_loss(name, backend)(model(images[rank * half:(rank + 1) * half]), labels[rank * half:(rank + 1) * half])
-    loss.backward()
-    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, f"{out_dir}/rank{rank}.pt")
+    mine = slice(rank * half, (rank + 1) * half)
+    for name, backend in cases:
+        # A fresh DDP model per case: each case starts from the same parameters and no gradient.
+        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        run(name, backend, images[mine], labels[mine], model, f"{out_dir}/{name}-{backend}-rank{rank}.pt")
     dist.barrier()  # both ranks have written their results
     # Leave without running gloo's C++ teardown: destroying the group aborts now and then ("terminate called
     # without an active exception") after all the work is done, which would fail the test for nothing.
@@ -56,14 +65,13 @@ def run_rank(rank: int, name: str, backend: str, out_dir: str, init_file: str) -
 
 
 def main() -> None:
-    name, backend, out_dir = sys.argv[1:4]
+    out_dir = sys.argv[1]
+    cases = [tuple(case.split(":")) for case in sys.argv[2:]]
     images, labels = make_data()
-    model = make_model()
-    loss = make_loss(name, backend)(model(images), labels)
-    loss.backward()
-    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, f"{out_dir}/single.pt")
+    for name, backend in cases:
+        run(name, backend, images, labels, make_model(), f"{out_dir}/{name}-{backend}-single.pt")
     init_file = os.path.join(out_dir, "init")
-    mp.spawn(run_rank, args=(name, backend, out_dir, init_file), nprocs=WORLD, join=True)
+    mp.spawn(run_rank, args=(cases, out_dir, init_file), nprocs=WORLD, join=True)
 
 
 if __name__ == "__main__":
