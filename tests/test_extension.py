@@ -169,10 +169,10 @@ from torch_medloss import _extension
 root, barrier, index = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 _extension.source_dir = lambda: root
 _extension._cuda_wanted = lambda: "built without CUDA: not in this test"
-# The builder holds the lock a few seconds longer than the tiny build takes, so that on a loaded box the others
+# The builder holds the lock two seconds longer than the tiny build takes, so that on a loaded box the others
 # surely reach the lock while it is held (a slow toolchain probe could otherwise let them find the build finished).
 _build = _extension._build
-_extension._build = lambda *args, **kwargs: (time.sleep(4), _build(*args, **kwargs))[1]
+_extension._build = lambda *args, **kwargs: (time.sleep(2), _build(*args, **kwargs))[1]
 (barrier / f"ready-{index}").touch()
 deadline = time.time() + 300
 while not (barrier / "go").exists() and time.time() < deadline:
@@ -183,7 +183,7 @@ print(json.dumps({"origin": report["origin"], "cpu": report["cpu"], "reason": re
 
 
 def test_concurrent_first_uses_build_once_and_all_load(tmp_path):
-    # The processes wait at a barrier with torch imported, then start together: the one build (held 4 s longer than
+    # The processes wait at a barrier with torch imported, then start together: the one build (held 2 s longer than
     # ninja, the compiler and the link take) outlasts the time the others need to reach the lock.
     root = tiny_csrc(tmp_path / "csrc", "tiny_kernel")
     barrier = tmp_path / "barrier"
