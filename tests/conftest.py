@@ -43,3 +43,71 @@ def pytest_collection_finish(session):
     if extension is not None and extension._outcome is not None:
         raise pytest.UsageError("a test module found or built the C++ extension while being collected; ask for it in "
                                 "a fixture (tests/backends.py) instead")
+
+
+# ------------------------------------------------------------------------------- interpreted Triton tests, alongside
+# Without a GPU, the Triton tests run the kernels through Triton's interpreter: single-threaded Python, about half of
+# the suite's time. When a run selects many of them, they go to a second pytest process that runs at the same time as
+# this one (two cores, one busy with the interpreter, the other with the rest), and this session waits for it at the
+# end, prints its summary and fails if it failed. They stay ordinary tests: `-k`, a single node id or a small
+# selection runs them here, and TORCH_MEDLOSS_TEST_SPLIT=0 keeps them all in this process.
+
+_CHILD_ENV = "TORCH_MEDLOSS_TEST_CHILD"
+_SPLIT_ENV = "TORCH_MEDLOSS_TEST_SPLIT"
+_SPLIT_AT_LEAST = 200  # tests on each side; with fewer, a second process costs more than it saves
+_child: dict = {}
+
+
+def _interpreted(item) -> bool:
+    """A test that runs a Triton kernel through the interpreter: "triton" among its name's words or its parameter ids."""
+    words = item.name.replace("[", "-").replace("]", "-").replace("_", "-").split("-")
+    return "triton" in words
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    if (os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get(_CHILD_ENV) or config.option.collectonly
+            or os.environ.get(_SPLIT_ENV, "1") == "0"):
+        return
+    moved = [item for item in items if _interpreted(item)]
+    if len(moved) < _SPLIT_AT_LEAST or len(items) - len(moved) < _SPLIT_AT_LEAST:  # nothing to overlap them with
+        return
+    import subprocess
+    import sys
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile("w+", prefix="torch_medloss-interpreted-", suffix=".log", delete=False)
+    env = {**os.environ, _CHILD_ENV: "1", "OMP_NUM_THREADS": "1"}  # the interpreter needs no OpenMP threads
+    ids = [item.nodeid for item in moved]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--no-header", *ids]
+    _child.update(process=subprocess.Popen(command, cwd=str(config.rootpath), env=env, stdout=log,
+                                           stderr=subprocess.STDOUT), log=log, count=len(ids))
+    kept = [item for item in items if not _interpreted(item)]
+    items[:] = kept
+    sys.stderr.write(f"\ntorch_medloss tests: {len(ids)} Triton-interpreted tests run in a second pytest process "
+                     f"alongside this one (output: {log.name}; {_SPLIT_ENV}=0 keeps them here)\n")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Wait for the second process; its failure fails this session (exit 5, no test collected, counts as one)."""
+    process = _child.get("process")
+    if process is None:
+        return
+    if exitstatus == pytest.ExitCode.INTERRUPTED:  # Ctrl-C: do not wait minutes for the other half
+        process.kill()
+    _child["code"] = process.wait()
+    if _child["code"] != 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The second process's failures in full when it failed, else its counts, just above this session's."""
+    if "code" not in _child:
+        return
+    log, code = _child["log"], _child["code"]
+    log.seek(0)
+    lines = log.read().splitlines()
+    terminalreporter.write_sep("=", f"{_child['count']} Triton-interpreted tests (second process, exit code {code}, "
+                                    f"output in {log.name})")
+    for line in lines[-400:] if code != 0 else lines[-1:]:
+        terminalreporter.write_line(line)
