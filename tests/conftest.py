@@ -59,7 +59,7 @@ _child: dict = {}
 
 
 def _interpreted(item) -> bool:
-    """A test that runs a Triton kernel through the interpreter: "triton" among its name's words or its parameter ids."""
+    """A test that runs a Triton kernel through the interpreter: "triton" is a word of its name or parameter ids."""
     words = item.name.replace("[", "-").replace("]", "-").replace("_", "-").split("-")
     return "triton" in words
 
