@@ -2,14 +2,14 @@
 
 This is the contract the C++, CUDA and Triton kernels implement (``torch_medloss::dice_sums_fwd`` / ``_bwd``, and the
 fused ``dice_loss_fwd`` / ``_bwd``: the sums, then ``loss_from_sums``), written as plain PyTorch; the options come as
-the codes, scalars and params of torch_medloss._contract. Layout: logits x (B, C, S) (spatial dims flattened), target either labels (B, S) of any integer
-dtype or dense (B, C, S) floats.
+the codes, scalars and params of torch_medloss._contract. Layout: logits x (B, C, S) (spatial dims flattened), target
+either labels (B, S) of any integer dtype or dense (B, C, S) floats.
 
 Per pixel i and class c, with p = activation(x) and the valid-pixel weight w_i (see ``MASK_*``):
 
     p'_c = w * p_c,   y'_c = w * y_c,   m_c = |y'_c - p'_c|^gamma_c   (m = 1 where gamma_c = 0; no gradient)
 
-    sums[b, c] = [ I = sum m p' y',   P = sum m p'^k,   G = sum m y'^k,   D = sum m |p' - y'|,   F ]   (k = 2 if squared)
+    sums[b, c] = [ I = sum m p' y',  P = sum m p'^k,  G = sum m y'^k,  D = sum m |p' - y'|,  F ]  (k = 2 if squared)
 
 with F the focal term's sum (``focal_terms``: MONAI's FocalLoss per pixel, on the raw logits, 0 without it).
 Masking p and y before everything is what MONAI does (``input * mask``, ``target * mask``), so soft masks behave
