@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import tempfile
 
 import torch
 
@@ -7,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import backends  # noqa: E402  (reads TRITON_INTERPRET, set just above)
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
@@ -39,7 +43,7 @@ def one_thread():
 def pytest_collection_finish(session):
     """Collection never finds, builds or loads the C++ extension (issue 15: a cold ``--collect-only`` takes seconds):
     skip decisions that need it belong in fixtures. A test module that asks at import time fails the run here."""
-    extension = __import__("sys").modules.get("torch_medloss._extension")
+    extension = sys.modules.get("torch_medloss._extension")
     if extension is not None and extension._outcome is not None:
         raise pytest.UsageError("a test module found or built the C++ extension while being collected; ask for it in "
                                 "a fixture (tests/backends.py) instead")
@@ -66,23 +70,20 @@ def _interpreted(item) -> bool:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
-    if (os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get(_CHILD_ENV) or config.option.collectonly
+    if (not backends.INTERPRETING or os.environ.get(_CHILD_ENV) or config.option.collectonly
             or os.environ.get(_SPLIT_ENV, "1") == "0"):
         return
-    moved = [item for item in items if _interpreted(item)]
-    if len(moved) < _SPLIT_AT_LEAST or len(items) - len(moved) < _SPLIT_AT_LEAST:  # nothing to overlap them with
+    moved, kept = [], []
+    for item in items:
+        (moved if _interpreted(item) else kept).append(item)
+    if len(moved) < _SPLIT_AT_LEAST or len(kept) < _SPLIT_AT_LEAST:  # nothing to overlap them with
         return
-    import subprocess
-    import sys
-    import tempfile
-
     log = tempfile.NamedTemporaryFile("w+", prefix="torch_medloss-interpreted-", suffix=".log", delete=False)
     env = {**os.environ, _CHILD_ENV: "1", "OMP_NUM_THREADS": "1"}  # the interpreter needs no OpenMP threads
     ids = [item.nodeid for item in moved]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--no-header", *ids]
     _child.update(process=subprocess.Popen(command, cwd=str(config.rootpath), env=env, stdout=log,
                                            stderr=subprocess.STDOUT), log=log, count=len(ids))
-    kept = [item for item in items if not _interpreted(item)]
     items[:] = kept
     sys.stderr.write(f"\ntorch_medloss tests: {len(ids)} Triton-interpreted tests run in a second pytest process "
                      f"alongside this one (output: {log.name}; {_SPLIT_ENV}=0 keeps them here)\n")

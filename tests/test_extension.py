@@ -172,7 +172,14 @@ _extension._cuda_wanted = lambda: "built without CUDA: not in this test"
 # The builder holds the lock two seconds longer than the tiny build takes, so that on a loaded box the others
 # surely reach the lock while it is held (a slow toolchain probe could otherwise let them find the build finished).
 _build = _extension._build
-_extension._build = lambda *args, **kwargs: (time.sleep(2), _build(*args, **kwargs))[1]
+
+
+def _slow_build(*args, **kwargs):
+    time.sleep(2)
+    return _build(*args, **kwargs)
+
+
+_extension._build = _slow_build
 (barrier / f"ready-{index}").touch()
 deadline = time.time() + 300
 while not (barrier / "go").exists() and time.time() < deadline:
